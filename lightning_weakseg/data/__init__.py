@@ -1,0 +1,11 @@
+"""Data layer: the batch contract, data sets (folder, synthetic), the weak-label simulator, the data module."""
+from .batch import IGNORE_INDEX, LABEL_KEYS, MASK_KEYS, collate, validate_batch, validate_sample
+from .dataset import WeakSegDataset
+from .datamodule import WeakSegDataModule, assign_labels, group_split
+from .folder import FolderDataset
+from .synthetic import SyntheticDataset
+from . import weakify
+
+__all__ = ["IGNORE_INDEX", "LABEL_KEYS", "MASK_KEYS", "collate", "validate_batch", "validate_sample",
+           "WeakSegDataset", "WeakSegDataModule", "assign_labels", "group_split", "FolderDataset",
+           "SyntheticDataset", "weakify"]

@@ -1,0 +1,153 @@
+"""``WeakSegDataModule``: synthetic or folder data, split by group, weak labels for training, full masks for
+evaluation, and label-type mixes for annotation-budget experiments."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from .batch import LABEL_KEYS, collate
+from .folder import FolderDataset
+from .synthetic import KINDS, SyntheticDataset
+
+
+def group_split(groups: Sequence[str], val_fraction: float, test_fraction: float, seed: int):
+    """Split indices so that no group (patient, image id) spans two splits; seeded."""
+    uniq = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(uniq)
+    n = len(uniq)
+    n_test = int(round(test_fraction * n))
+    n_val = max(int(round(val_fraction * n)), 1 if val_fraction > 0 else 0)
+    test_g, val_g = set(uniq[:n_test]), set(uniq[n_test:n_test + n_val])
+    split = {"train": [], "val": [], "test": []}
+    for i, g in enumerate(groups):
+        split["test" if g in test_g else "val" if g in val_g else "train"].append(i)
+    return split
+
+
+def assign_labels(n: int, fractions: dict[str, float], seed: int) -> list[tuple[str, ...]]:
+    """Give each of ``n`` samples one label type, by ``fractions`` (e.g. ``{"mask": .1, "boxes": .9}``).
+
+    Keys may join types with ``+`` (``"mask+tags"``). Counts are exact (largest remainder), order seeded."""
+    if not fractions:
+        raise ValueError("label_fractions is empty")
+    total = sum(fractions.values())
+    if abs(total - 1) > 1e-6:
+        raise ValueError(f"label_fractions must sum to 1, got {total}")
+    names = list(fractions)
+    for name in names:
+        bad = set(name.split("+")) - set(LABEL_KEYS)
+        if bad:
+            raise ValueError(f"unknown label type(s) {sorted(bad)} in label_fractions")
+    raw = np.array([fractions[k] * n for k in names])
+    counts = np.floor(raw).astype(int)
+    for j in np.argsort(-(raw - counts))[: n - counts.sum()]:
+        counts[j] += 1
+    plan = [tuple(name.split("+")) for name, c in zip(names, counts) for _ in range(c)]
+    order = np.random.default_rng(seed).permutation(n)
+    return [plan[j] for j in order]
+
+
+class WeakSegDataModule(L.LightningDataModule):
+    """Data for every regime.
+
+    Args:
+        source: ``"synthetic"`` (built-in, the default) or ``"folder"``.
+        synthetic_kind, n_samples: the synthetic set (``"organ"`` multi-class or ``"nuclei"``) and its size.
+        root, image_dir, mask_dir, instance_dir, scribble_dir, boxes_json, mask_map, color_mode: folder layout
+            (see :class:`~lightning_weakseg.data.folder.FolderDataset`).
+        group_regex: regex whose first group names the split group of a file stem (e.g. ``"^(patient\\d+)"``).
+        num_classes, in_channels: ``None`` takes the synthetic kind's values; required for folders.
+        image_size: base view size (every image is resized to it first).
+        train_labels: label keys the training split carries (weak labels derived from masks if absent).
+        label_fractions: mixed supervision, e.g. ``{"mask": 0.1, "boxes": 0.3, "tags": 0.6}`` (overrides
+            ``train_labels``).
+        weakify: options of the weak-label simulator (``box_jitter``, ``point_mode``, ``point_fraction``,
+            ``scribble_keep``, ``noise_rate``).
+        augment: training augmentation: ``"default"``, ``"light"``, ``"none"``.
+        max_train_samples: optional cap on the training split (seeded subset), for budgets.
+    """
+
+    def __init__(self, source: str = "synthetic", synthetic_kind: str = "organ", n_samples: int = 200,
+                 root: str | None = None, image_dir: str = "images", mask_dir: str | None = "masks",
+                 instance_dir: str | None = None, scribble_dir: str | None = None, boxes_json: str | None = None,
+                 mask_map: dict | None = None, color_mode: str = "auto", group_regex: str | None = None,
+                 num_classes: int | None = None, in_channels: int | None = None, image_size: int = 64,
+                 train_labels: Sequence[str] = ("mask",), label_fractions: dict[str, float] | None = None,
+                 weakify: dict | None = None, augment: str = "default", batch_size: int = 8, num_workers: int = 0,
+                 val_fraction: float = 0.2, test_fraction: float = 0.0, max_train_samples: int | None = None,
+                 eval_batch_size: int | None = None, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        if source not in ("synthetic", "folder"):
+            raise ValueError(f"source must be 'synthetic' or 'folder', got {source!r}")
+        if source == "folder":
+            if root is None or num_classes is None or in_channels is None:
+                raise ValueError("source='folder' needs root, num_classes and in_channels")
+        else:
+            num_classes = num_classes or KINDS[synthetic_kind]["num_classes"]
+            in_channels = in_channels or KINDS[synthetic_kind]["in_channels"]
+        self.num_classes, self.in_channels = num_classes, in_channels
+        self.train_dataset = self.val_dataset = self.test_dataset = None
+
+    def _full(self):
+        h = self.hparams
+        common = dict(num_classes=self.num_classes, in_channels=self.in_channels, image_size=h.image_size,
+                      weakify=h.weakify, seed=h.seed)
+        if h.source == "synthetic":
+            ds = SyntheticDataset(h.synthetic_kind, n=h.n_samples, **common)
+            groups = [str(i) for i in range(len(ds))]
+        else:
+            ds = FolderDataset(h.root, image_dir=h.image_dir, mask_dir=h.mask_dir, instance_dir=h.instance_dir,
+                               scribble_dir=h.scribble_dir, boxes_json=h.boxes_json, mask_map=h.mask_map,
+                               color_mode=h.color_mode, **common)
+            groups = ds.groups(h.group_regex)
+        return ds, groups
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        h = self.hparams
+        ds, groups = self._full()
+        split = group_split(groups, h.val_fraction, h.test_fraction, h.seed)
+        train_idx = split["train"]
+        if h.max_train_samples is not None and len(train_idx) > h.max_train_samples:
+            rng = np.random.default_rng(h.seed + 1)
+            train_idx = sorted(rng.choice(train_idx, h.max_train_samples, replace=False).tolist())
+        self.split = {**split, "train": train_idx}
+        eval_labels = ("mask",) + (("instances",) if (h.source == "synthetic" and h.synthetic_kind == "nuclei")
+                                   or h.instance_dir else ())
+        plan = None
+        if h.label_fractions:
+            per = assign_labels(len(train_idx), dict(h.label_fractions), h.seed)
+            plan = {i: p for i, p in zip(train_idx, per)}
+        self.train_dataset = ds.subset(train_idx, labels=tuple(h.train_labels), label_plan=plan, augment=h.augment)
+        self.val_dataset = ds.subset(split["val"], labels=eval_labels, augment="none")
+        self.test_dataset = ds.subset(split["test"], labels=eval_labels, augment="none") if split["test"] else None
+        self.full_dataset = ds
+
+    def _loader(self, ds, shuffle: bool, batch_size: int | None = None):
+        return DataLoader(ds, batch_size=batch_size or self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, collate_fn=collate,
+                          persistent_workers=False, drop_last=False)
+
+    def train_dataloader(self):
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_dataset, False, self.hparams.eval_batch_size)
+
+    def test_dataloader(self):
+        ds = self.test_dataset if self.test_dataset is not None else self.val_dataset
+        return self._loader(ds, False, self.hparams.eval_batch_size)
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
+
+    def train_eval_dataloader(self, batch_size: int | None = None):
+        """The training samples in the base view, unshuffled and un-augmented (for pseudo-label makers)."""
+        view = self.train_dataset.subset(self.train_dataset.indices, augment="none")
+        return self._loader(view, False, batch_size or self.hparams.eval_batch_size)
