@@ -13,10 +13,12 @@ import lightning as L
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .data.batch import IGNORE_INDEX, validate_batch
 from .errors import NonFiniteLossError
 from .metrics import HD95, DiceIoU
+from .nn import replace_batchnorm
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -54,6 +56,8 @@ class WeakSegModule(L.LightningModule):
         lr, weight_decay, scheduler: AdamW and ``"cosine"`` (per step over the run) or ``"none"``.
         cls_head: add SMP's classification head (``out["cls_logits"]``) for image-level regimes.
         on_nonfinite: ``"raise"`` (stop, naming term, step and samples) or ``"skip"`` (skip the batch).
+        norm: ``"batch"`` (SMP's default) or a batch-independent replacement of every BatchNorm: ``"group"``,
+            ``"instance"``, ``"frozen"`` (see :func:`lightning_weakseg.nn.replace_batchnorm`).
         model_kwargs: extra keyword arguments for ``smp.create_model``.
     """
 
@@ -63,7 +67,7 @@ class WeakSegModule(L.LightningModule):
                  in_channels: int = 3, num_classes: int = 2, mask_key: str = "mask", dice_weight: float = 0.0,
                  loss_weights: dict[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 1e-4,
                  scheduler: str = "cosine", cls_head: bool = False, on_nonfinite: str = "raise",
-                 model_kwargs: dict[str, Any] | None = None):
+                 norm: str = "batch", model_kwargs: dict[str, Any] | None = None):
         super().__init__()
         if num_classes < 2:
             raise ValueError("num_classes counts background: binary segmentation is num_classes=2")
@@ -77,6 +81,7 @@ class WeakSegModule(L.LightningModule):
             kwargs.setdefault("aux_params", {"classes": num_classes, "dropout": 0.0})
         self.model = smp.create_model(arch, encoder_name=encoder, encoder_weights=encoder_weights,
                                       in_channels=in_channels, classes=num_classes, **kwargs)
+        replace_batchnorm(self.model, norm)
         self.val_scores = DiceIoU(num_classes)
         self.val_hd95 = HD95(num_classes)
         self.test_scores = DiceIoU(num_classes)
@@ -133,7 +138,7 @@ class WeakSegModule(L.LightningModule):
                        f"(epoch {self.current_epoch}); samples {batch.get('id')}")
                 if self.hparams.on_nonfinite == "raise":
                     raise NonFiniteLossError(msg)
-                self.print(f"skipping batch: {msg}")
+                rank_zero_warn(f"on_nonfinite='skip': skipping the batch: {msg}")
                 return None
             total = total + self.term_weight(name) * value
             self.log(f"{stage}/{name}", value.detach(), on_step=stage == "train", on_epoch=True, batch_size=bs,

@@ -1,1 +1,4 @@
 """lightning_weakseg.callbacks"""
+from .log_barrier_schedule import LogBarrierSchedule
+from .pseudo_label_refresh import PseudoLabelRefresh
+from .forget_rate_schedule import ForgetRateSchedule

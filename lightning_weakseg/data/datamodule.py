@@ -6,7 +6,8 @@ from typing import Sequence
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .batch import LABEL_KEYS, collate
 from .folder import FolderDataset
@@ -69,6 +70,7 @@ class WeakSegDataModule(L.LightningDataModule):
             ``scribble_keep``, ``noise_rate``).
         augment: training augmentation: ``"default"``, ``"light"``, ``"none"``.
         max_train_samples: optional cap on the training split (seeded subset), for budgets.
+        shuffle: shuffle the training set each epoch (off for exact 1-process vs DDP comparisons).
     """
 
     def __init__(self, source: str = "synthetic", synthetic_kind: str = "organ", n_samples: int = 200,
@@ -79,9 +81,8 @@ class WeakSegDataModule(L.LightningDataModule):
                  train_labels: Sequence[str] = ("mask",), label_fractions: dict[str, float] | None = None,
                  weakify: dict | None = None, augment: str = "default", batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.0, max_train_samples: int | None = None,
-                 eval_batch_size: int | None = None, seed: int = 0):
+                 eval_batch_size: int | None = None, shuffle: bool = True, seed: int = 0):
         super().__init__()
-        self.save_hyperparameters()
         if source not in ("synthetic", "folder"):
             raise ValueError(f"source must be 'synthetic' or 'folder', got {source!r}")
         if source == "folder":
@@ -91,6 +92,10 @@ class WeakSegDataModule(L.LightningDataModule):
             num_classes = num_classes or KINDS[synthetic_kind]["num_classes"]
             in_channels = in_channels or KINDS[synthetic_kind]["in_channels"]
         self.num_classes, self.in_channels = num_classes, in_channels
+        self.save_hyperparameters()
+        # record the resolved values (LightningCLI passes the raw config values to save_hyperparameters)
+        for hp in (self.hparams, self._hparams_initial):
+            hp["num_classes"], hp["in_channels"] = num_classes, in_channels
         self.train_dataset = self.val_dataset = self.test_dataset = None
 
     def _full(self):
@@ -130,12 +135,17 @@ class WeakSegDataModule(L.LightningDataModule):
         self.full_dataset = ds
 
     def _loader(self, ds, shuffle: bool, batch_size: int | None = None):
-        return DataLoader(ds, batch_size=batch_size or self.hparams.batch_size, shuffle=shuffle,
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # our own sampler, so that shuffle=False really means the sequential order on every rank
+            sampler = DistributedSampler(ds, shuffle=shuffle, seed=self.hparams.seed, drop_last=False)
+            shuffle = False
+        return DataLoader(ds, batch_size=batch_size or self.hparams.batch_size, shuffle=shuffle, sampler=sampler,
                           num_workers=self.hparams.num_workers, collate_fn=collate,
                           persistent_workers=False, drop_last=False)
 
     def train_dataloader(self):
-        return self._loader(self.train_dataset, shuffle=True)
+        return self._loader(self.train_dataset, shuffle=self.hparams.shuffle)
 
     def val_dataloader(self):
         return self._loader(self.val_dataset, False, self.hparams.eval_batch_size)

@@ -1,0 +1,81 @@
+"""Quality benchmark: train several regimes on one real data set with the same model, split and budget.
+
+    python benchmarks/run.py --data ../shared/data --dataset kvasir --regimes full,boxes,box_mask,grabcut
+
+writes ``benchmarks/results/<tag>.json`` (every row with Dice, IoU, HD95, per-class Dice, seconds; the command
+line and settings) and prints a markdown table with "Dice / full". ``benchmarks/report.py`` collects the
+result files into ``docs/benchmarks.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common import DATASETS, REGIMES, run_one, write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder holding kvasir/, acdc/, dsb2018/")
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--regimes", default="full", help=f"comma-separated, from {sorted(REGIMES)}")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--arch", default="Unet")
+    p.add_argument("--encoder", default="resnet18")
+    p.add_argument("--noise", type=float, default=None, help="noise rate of the simulated noisy masks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default=None, help="result file name (default: <dataset>_<regimes>)")
+    p.add_argument("--log-dir", default=None, help="CSV logs per run (optional)")
+    a = p.parse_args(argv)
+    if not Path(a.data, DATASETS[a.dataset]["root"]).is_dir():
+        p.error(f"{Path(a.data, DATASETS[a.dataset]['root'])} does not exist (see ../shared/data/README.md)")
+    names = [n.strip() for n in a.regimes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REGIMES]
+    if unknown:
+        p.error(f"unknown regimes {unknown}; known: {sorted(REGIMES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tag = a.tag or f"{a.dataset}_{'-'.join(names)}"
+    settings = {k: v for k, v in vars(a).items() if k not in ("data", "tag", "log_dir")}
+    payload = {"command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "settings": settings, "machine": f"{platform.node()} {platform.processor()} "
+               f"threads={torch.get_num_threads()} cuda={torch.cuda.is_available()}",
+               "started": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    for name in names:
+        row = run_one(a.data, a.dataset, name, REGIMES[name], epochs=a.epochs, image_size=a.image_size,
+                      max_train=a.max_train, batch_size=a.batch_size, seed=a.seed, arch=a.arch,
+                      encoder=a.encoder, lr=a.lr, noise=a.noise, log_dir=a.log_dir)
+        payload["rows"].append(row)
+        write_json(RESULTS / f"{tag}.json", payload)  # after every run: a killed benchmark keeps what it did
+        print(f"[{a.dataset}] {name}: dice={row['dice']:.4f} ({row['seconds']:.0f} s)", flush=True)
+    print(table(payload))
+
+
+def table(payload: dict) -> str:
+    rows = payload["rows"]
+    ref = next((r["dice"] for r in rows if r["regime"] == "full"), None)
+    extra = [k for k in ("obj_f1", "obj_aji") if any(k in r for r in rows)]
+    head = "| regime | train labels | Dice | IoU | HD95 | Dice / full |" + "".join(f" {k} |" for k in extra)
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ratio = f"{r['dice'] / ref:.3f}" if ref else "—"
+        lines.append(f"| {r['regime']} | {r['labels']} | {r['dice']:.3f} | {r['iou']:.3f} | {r['hd95']:.1f} | "
+                     f"{ratio} |" + "".join(f" {r.get(k, float('nan')):.3f} |" for k in extra))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Multiple-instance pooling of dense maps into image-level logits, and the tag loss.
+
+A segmentation network gives a map s_c (B, K, *s) per class; an image-level tag says whether class c is
+somewhere in the image. Pooling turns the map into one score per image and class; binary cross-entropy per
+class compares it with the multi-hot tags. Pure tensor code: batched, device-agnostic, differentiable.
+
+Example:
+    >>> s = torch.tensor([[[[0.0, 4.0], [0.0, 0.0]]]])     # (B=1, K=1, 2, 2)
+    >>> mil_pool(s, "max"), mil_pool(s, "mean")
+    (tensor([[4.]]), tensor([[1.]]))
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["mil_max", "mil_mean", "mil_lse", "mil_topk", "mil_gem", "mil_pool", "softmax_log_odds", "mil_loss",
+           "AttentionMIL", "MILPool", "MILLoss", "POOLINGS"]
+
+POOLINGS = ("max", "mean", "lse", "topk", "gem", "attention")
+
+
+def _check(s: Tensor, name: str = "maps") -> Tensor:
+    if not isinstance(s, Tensor) or s.ndim < 3:
+        shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+        raise ValueError(f"{name}: expected (B, K, *spatial) with at least one spatial dim, got {shape}")
+    return s.flatten(2)
+
+
+def mil_max(s: Tensor) -> Tensor:
+    """max_ij s_ij: (B, K, *s) → (B, K)."""
+    return _check(s).amax(2)
+
+
+def mil_mean(s: Tensor) -> Tensor:
+    """(1/N) Σ_ij s_ij: (B, K, *s) → (B, K)."""
+    return _check(s).mean(2)
+
+
+def mil_lse(s: Tensor, r: float = 5.0) -> Tensor:
+    """Log-sum-exp pooling (1/r)·log((1/N) Σ_ij exp(r·s_ij)); r → ∞ gives max, r → 0 gives mean.
+
+    Example:
+        >>> s = torch.tensor([[[0.0, 1.0]]])
+        >>> round(mil_lse(s, 1.0).item(), 4)   # log((1 + e)/2)
+        0.6201
+    """
+    if r <= 0:
+        raise ValueError(f"mil_lse: r must be > 0, got {r}")
+    flat = _check(s)
+    big = (torch.logsumexp(r * flat, dim=2) - math.log(flat.shape[2])) / r
+    # small r: centre on the mean and use expm1/log1p, which keeps the r → 0 limit accurate in float32
+    mean = flat.mean(2, keepdim=True)
+    dev = (r * (flat - mean)).clamp(max=20.0)
+    small = mean[..., 0] + torch.log1p(torch.expm1(dev).mean(2)) / r
+    use_small = (r * (flat.amax(2) - mean[..., 0])) < 20.0
+    return torch.where(use_small, small, big)
+
+
+def mil_topk(s: Tensor, k: int | float = 0.1) -> Tensor:
+    """Mean of the k largest values; ``k`` an int count or a fraction in (0, 1] of the N positions.
+
+    Example:
+        >>> mil_topk(torch.tensor([[[1.0, 5.0, 3.0, 2.0]]]), 2)
+        tensor([[4.]])
+    """
+    flat = _check(s)
+    n = flat.shape[2]
+    if isinstance(k, float) and not isinstance(k, bool):
+        if not 0 < k <= 1:
+            raise ValueError(f"mil_topk: a fractional k must lie in (0, 1], got {k}")
+        kk = max(1, int(round(k * n)))
+    else:
+        kk = int(k)
+        if not 1 <= kk <= n:
+            raise ValueError(f"mil_topk: k must lie in [1, {n}], got {k}")
+    return flat.topk(kk, dim=2).values.mean(2)
+
+
+def mil_gem(q: Tensor, p: float = 3.0, eps: float = 1e-6) -> Tensor:
+    """Generalised mean ((1/N) Σ_ij q_ij^p)^{1/p} of non-negative q (e.g. probabilities); p = 1 is the mean,
+    p → ∞ the max. Values are clamped at ``eps`` (the p-th root has an infinite slope at 0).
+
+    Example:
+        >>> mil_gem(torch.tensor([[[0.0, 1.0]]]), p=1.0)
+        tensor([[0.5000]])
+    """
+    if p <= 0:
+        raise ValueError(f"mil_gem: p must be > 0, got {p}")
+    flat = _check(q)
+    if (flat < 0).any():
+        raise ValueError("mil_gem expects non-negative maps (e.g. probabilities), got negative values")
+    return flat.clamp_min(eps).pow(p).mean(2).pow(1.0 / p)
+
+
+class AttentionMIL(nn.Module):
+    """Attention-based MIL pooling (Ilse et al. 2018): a_i = softmax_i(wᵀ tanh(V h_i)), z = Σ_i a_i h_i.
+
+    With ``gated=True``: a_i = softmax_i(wᵀ (tanh(V h_i) ⊙ sigmoid(U h_i))).
+
+    Args:
+        in_features: D, the feature size of an instance h_i (the channels of a (B, D, *s) map).
+        hidden: L, the size of V h_i.
+
+    ``forward(h)``: h (B, D, *s) maps (instances = positions) → z (B, D); ``bag(h)``: h (B, N, D) → z (B, D).
+    The last attention weights (B, N) are kept in ``self.attention``.
+    """
+
+    def __init__(self, in_features: int, hidden: int = 64, gated: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.V = nn.Linear(in_features, hidden)
+        self.U = nn.Linear(in_features, hidden) if gated else None
+        self.w = nn.Linear(hidden, 1, bias=False)
+        self.attention: Tensor | None = None
+
+    def bag(self, inst: Tensor) -> Tensor:
+        if inst.ndim != 3 or inst.shape[2] != self.in_features:
+            raise ValueError(f"AttentionMIL.bag: expected (B, N, {self.in_features}), got {tuple(inst.shape)}")
+        e = torch.tanh(self.V(inst))
+        if self.U is not None:
+            e = e * torch.sigmoid(self.U(inst))
+        a = torch.softmax(self.w(e).squeeze(-1), dim=1)  # (B, N)
+        self.attention = a
+        return torch.einsum("bn,bnd->bd", a, inst)
+
+    def forward(self, h: Tensor) -> Tensor:
+        if h.ndim < 3 or h.shape[1] != self.in_features:
+            raise ValueError(f"AttentionMIL: expected (B, {self.in_features}, *spatial), got {tuple(h.shape)}")
+        return self.bag(h.flatten(2).transpose(1, 2))
+
+
+def mil_pool(s: Tensor, method: str = "lse", *, r: float = 5.0, k: int | float = 0.1, p: float = 3.0,
+             attention: AttentionMIL | None = None) -> Tensor:
+    """Pool (B, K, *s) maps into (B, K) with ``method`` in max | mean | lse (r) | topk (k) | gem (p) | attention."""
+    if method == "max":
+        return mil_max(s)
+    if method == "mean":
+        return mil_mean(s)
+    if method == "lse":
+        return mil_lse(s, r)
+    if method == "topk":
+        return mil_topk(s, k)
+    if method == "gem":
+        return mil_gem(s, p)
+    if method == "attention":
+        if attention is None:
+            raise ValueError("mil_pool(method='attention') needs an AttentionMIL module")
+        return attention(s)
+    raise ValueError(f"unknown MIL pooling {method!r}; expected one of {POOLINGS}")
+
+
+def softmax_log_odds(logits: Tensor) -> Tensor:
+    """Per-pixel log-odds of the softmax: log p_c − log(1 − p_c) = s_c − logsumexp_{k≠c} s_k, (B, K, *s).
+
+    The binary logit of "pixel is class c" under a softmax network: max-pooling it gives the log-odds of the
+    most confident pixel, which BCE against a tag can use directly.
+    """
+    k = logits.shape[1]
+    if k < 2:
+        raise ValueError(f"softmax_log_odds needs K >= 2 classes, got {k}")
+    eye = torch.eye(k, dtype=torch.bool, device=logits.device).view(1, k, k, *([1] * (logits.ndim - 2)))
+    others = logits.unsqueeze(1).expand(-1, k, -1, *logits.shape[2:]).masked_fill(eye, float("-inf"))
+    return logits - torch.logsumexp(others, dim=2)
+
+
+def mil_loss(image_scores: Tensor, tags: Tensor, *, probabilities: bool = False, classes: slice | None = None,
+             reduction: str = "none") -> Tensor:
+    """Binary cross-entropy per class between pooled image scores (B, K) and multi-hot tags (B, K):
+
+    L_b = (1/|C|) Σ_{c∈C} −[t_bc log σ(z_bc) + (1 − t_bc) log(1 − σ(z_bc))]  (z logits; or probabilities
+    directly with ``probabilities=True``, e.g. after GeM on probabilities).
+
+    ``classes``: the columns to supervise (e.g. ``slice(1, None)`` to leave out background).
+    Returns per-sample losses (B,) (``reduction="none"``) or their mean.
+
+    Example:
+        >>> z = torch.tensor([[0.0, 0.0]]); t = torch.tensor([[1.0, 0.0]])
+        >>> round(mil_loss(z, t).item(), 4)   # log 2
+        0.6931
+    """
+    if image_scores.ndim != 2 or image_scores.shape != tags.shape:
+        raise ValueError(f"mil_loss: expected scores and tags of the same shape (B, K), got "
+                         f"{tuple(image_scores.shape)} and {tuple(tags.shape)}")
+    if classes is not None:
+        image_scores, tags = image_scores[:, classes], tags[:, classes]
+    tags = tags.to(image_scores.dtype)
+    if probabilities:
+        bce = F.binary_cross_entropy(image_scores.clamp(1e-6, 1 - 1e-6), tags, reduction="none")
+    else:
+        bce = F.binary_cross_entropy_with_logits(image_scores, tags, reduction="none")
+    per_sample = bce.mean(1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+
+
+class MILPool(nn.Module):
+    """Module form of :func:`mil_pool`; holds the AttentionMIL module when ``method="attention"``."""
+
+    def __init__(self, method: str = "lse", num_classes: int | None = None, r: float = 5.0, k: int | float = 0.1,
+                 p: float = 3.0, hidden: int = 64):
+        super().__init__()
+        if method not in POOLINGS:
+            raise ValueError(f"unknown MIL pooling {method!r}; expected one of {POOLINGS}")
+        self.method, self.r, self.k, self.p = method, r, k, p
+        self.attention = None
+        if method == "attention":
+            if num_classes is None:
+                raise ValueError("MILPool(method='attention') needs num_classes (the feature size)")
+            self.attention = AttentionMIL(num_classes, hidden)
+
+    def forward(self, s: Tensor) -> Tensor:
+        return mil_pool(s, self.method, r=self.r, k=self.k, p=self.p, attention=self.attention)
+
+
+class MILLoss(nn.Module):
+    """Pool segmentation logits (B, K, *s) and apply :func:`mil_loss` against tags (B, K).
+
+    Logits are turned into per-pixel softmax log-odds (``gem`` pools softmax probabilities instead and takes
+    BCE on probabilities). ``background=False`` leaves column 0 out of the loss.
+    """
+
+    def __init__(self, method: str = "lse", num_classes: int | None = None, background: bool = False, **kwargs):
+        super().__init__()
+        self.pool = MILPool(method, num_classes, **kwargs)
+        self.background = background
+
+    def image_scores(self, logits: Tensor) -> Tensor:
+        if self.pool.method == "gem":
+            return self.pool(logits.softmax(1))
+        return self.pool(softmax_log_odds(logits))
+
+    def forward(self, logits: Tensor, tags: Tensor, reduction: str = "none") -> Tensor:
+        return mil_loss(self.image_scores(logits), tags, probabilities=self.pool.method == "gem",
+                        classes=None if self.background else slice(1, None), reduction=reduction)
