@@ -139,3 +139,20 @@ def write_json(path: str | Path, payload: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
+
+# scribbles and mixed supervision (issue 7); ACDC carries real scribbles (DATASETS["acdc"]["scribble_dir"])
+_SCRIBBLE = "lightning_weakseg.regimes.scribbles:ScribbleSegModule"
+_MIXED = "lightning_weakseg.regimes.mixed:MixedSegModule"
+_BARRIER = [("lightning_weakseg.callbacks:LogBarrierSchedule", {})]
+REGIMES["pce"] = Regime(_SCRIBBLE, ("scribble",), model_kwargs={"scribble_terms": ["pce"]})
+REGIMES["pce_entropy"] = Regime(_SCRIBBLE, ("scribble",), model_kwargs={"scribble_terms": ["pce", "entropy"]})
+REGIMES["pce_crf"] = Regime(_SCRIBBLE, ("scribble",), model_kwargs={"scribble_terms": ["pce", "crf"]})
+REGIMES["pce_tv"] = Regime(_SCRIBBLE, ("scribble",), model_kwargs={"scribble_terms": ["pce", "tv"]})
+REGIMES["pce_crf_entropy"] = Regime(_SCRIBBLE, ("scribble",),
+                                    model_kwargs={"scribble_terms": ["pce", "crf", "entropy"]})
+REGIMES["mask10_boxes90"] = Regime(_MIXED, ("mask", "boxes"), label_fractions={"mask": 0.1, "boxes": 0.9},
+                                   callbacks=_BARRIER)
+# REGIMES["mask10_tags90"] = Regime(_MIXED, ("mask", "tags"), label_fractions={"mask": 0.1, "tags": 0.9},
+#                                   model_kwargs={"cls_head": True})  # once MixedSegModule composes ImageLevelMixin
+REGIMES["all_points"] = Regime(_MIXED, ("points",), instances=True)
+REGIMES["all_boxes"] = Regime(_MIXED, ("boxes",), callbacks=_BARRIER)

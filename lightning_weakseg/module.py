@@ -175,8 +175,9 @@ class WeakSegModule(L.LightningModule):
         scores, hd = (self.val_scores, self.val_hd95) if stage == "val" else (self.test_scores, self.test_hd95)
         if int(scores.count.sum()) == 0 and not self.trainer.world_size > 1:
             return
-        dice, iou = scores.compute()
-        hd95 = hd.compute()
+        # torchmetrics squeezes one-element results: binary segmentation has one foreground class
+        dice, iou = (v.reshape(-1) for v in scores.compute())
+        hd95 = hd.compute().reshape(-1)
         logs = {f"{stage}/dice": torch.nanmean(dice), f"{stage}/iou": torch.nanmean(iou),
                 f"{stage}/hd95": torch.nanmean(hd95)}
         for c in range(dice.numel()):
