@@ -125,6 +125,7 @@ def run_one(data_root: str, dataset: str, name: str, regime: Regime, *, epochs: 
     seconds = time.time() - t0
     res = trainer.validate(model, dm, verbose=False)[0]
     row = {"dataset": dataset, "regime": name, "labels": "+".join(regime.labels), "seconds": round(seconds, 1),
+           "label_fractions": regime.label_fractions,
            "n_train": len(dm.train_dataset), "n_val": len(dm.val_dataset),
            **{k.split("/", 1)[1]: float(v) for k, v in res.items() if k.startswith("val/") and "_" not in k[4:]},
            **{k.split("/", 1)[1]: float(v) for k, v in res.items() if k.startswith("val/dice_")}}

@@ -1,0 +1,64 @@
+"""Collect ``benchmarks/results/*.json`` into ``docs/benchmarks.md`` (between the results markers; the text around
+them is written by hand and kept).
+
+    python benchmarks/report.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run import table  # noqa: E402
+
+DOC = HERE.parent / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def quality_section(path: Path) -> str:
+    payload = json.loads(path.read_text())
+    s = payload["settings"]
+    budget = (f"{s['arch']}-{s['encoder']}, {s['image_size']}², {s['epochs']} epochs, batch {s['batch_size']}, "
+              f"lr {s['lr']}, max train {s['max_train']}, seed {s['seed']}"
+              + (f", noise rate {s['noise']}" if s.get("noise") is not None else ""))
+    n = payload["rows"][0] if payload["rows"] else {}
+    return "\n".join([
+        f"### {path.stem}", "",
+        f"`{payload['command']}`", "",
+        f"Budget: {budget}. Split: {n.get('n_train', '?')} train / {n.get('n_val', '?')} validation images. "
+        f"Machine: {payload['machine']}; started {payload['started']}.", "",
+        table(payload), ""])
+
+
+def speed_section(path: Path) -> str:
+    payload = json.loads(path.read_text())
+    lines = [f"### {path.stem}", "", f"`{payload.get('command', 'python benchmarks/speed.py')}`", ""]
+    if "markdown" in payload:
+        lines += [payload["markdown"], ""]
+    else:
+        lines += ["```json", json.dumps(payload, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main():
+    results = sorted((HERE / "results").glob("*.json"))
+    parts = []
+    for p in results:
+        payload = json.loads(p.read_text())
+        parts.append(quality_section(p) if "rows" in payload else speed_section(p))
+    body = "\n".join(parts) if parts else "_no results yet_\n"
+    text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text:
+        text += f"\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1] if END in rest else ""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(f"{head}{START}\n\n{body}\n{END}{tail}")
+    print(f"wrote {DOC} ({len(results)} result files)")
+
+
+if __name__ == "__main__":
+    main()
