@@ -168,3 +168,36 @@ class SimpleTrainer:
     def __init__(self, dm):
         self.datamodule = dm
         self.current_epoch = 0
+
+
+def test_fit_start_fills_only_missing_point_samples_and_keeps_existing_labels():
+    """Mixed data set: only point samples get cluster labels; labels that exist (e.g. restored by a
+    PseudoLabelRefresh on resume) are never overwritten, and nothing is recomputed when none is missing."""
+    from lightning_weakseg.data import WeakSegDataModule
+    from lightning_weakseg.regimes import PointSegModule
+
+    dm = WeakSegDataModule(synthetic_kind="nuclei", n_samples=10, image_size=32, batch_size=4, augment="none",
+                           label_fractions={"points": 0.5, "mask": 0.5}, val_fraction=0.2, seed=0)
+    dm.setup("fit")
+    ds = dm.train_dataset
+    raw = [ds.raw_index(i) for i in range(len(ds))]
+    point_raw = sorted(r for r in raw if "points" in ds.keys_for(r))
+    assert 2 <= len(point_raw) < len(raw)            # really mixed
+    model = PointSegModule(encoder="resnet18", num_classes=2, point_cluster_kwargs={"scale": 0.3})
+    model.trainer = SimpleTrainer(dm)
+    calls = []
+    real = model.cluster_label_maps
+    model.cluster_label_maps = lambda loader, only=None: calls.append(set(only)) or real(loader, only)
+    # restored labels for every point sample (a marker value no cluster label has): kept, no recomputation
+    restored = {r: np.full((32, 32), 7, np.uint8) for r in point_raw}
+    ds.set_pseudo_labels(restored)
+    model.on_fit_start()
+    assert calls == [] and sorted(ds.pseudo_labels) == point_raw
+    assert all((ds.pseudo_labels[r] == 7).all() for r in point_raw)
+    # one point sample lacks a label: only it is computed, the others stay as they were
+    del restored[point_raw[0]]
+    ds.set_pseudo_labels(restored)
+    model.on_fit_start()
+    assert calls == [{point_raw[0]}] and sorted(ds.pseudo_labels) == point_raw
+    assert all((ds.pseudo_labels[r] == 7).all() for r in point_raw[1:])
+    assert set(np.unique(ds.pseudo_labels[point_raw[0]])) <= {0, 1, 255}

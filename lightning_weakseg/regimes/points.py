@@ -103,8 +103,9 @@ class PointVoronoiMixin:
         point_radius: radius of the Voronoi label's nucleus disk (paper: 2 px at 40×).
         point_bg_weight: weight of background pixels in both CE terms (< 1 for partial points).
         point_cluster_kwargs: options of :func:`~lightning_weakseg.pseudo.cluster_labels` (e.g. ``scale``).
-        point_precompute: compute the cluster labels at fit start (unless the data set already has pseudo labels
-            for every training sample, e.g. restored by a PseudoLabelRefresh on resume).
+        point_precompute: compute the cluster labels at fit start for the training samples that carry points and
+            have no pseudo label yet (labels already there, e.g. restored by a PseudoLabelRefresh on resume, are
+            kept).
         point_crf_kernel_radius, point_crf_sigma_xy, point_crf_sigma_rgb, point_crf_downscale: gated CRF loss.
         point_crf_start_epoch: first epoch with the ``point/crf`` term.
         point_refine: ``"crf"`` (dense CRF on the prediction) or ``"none"`` for :meth:`make_pseudo_labels`.
@@ -164,9 +165,10 @@ class PointVoronoiMixin:
         img = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         return img[..., 0] if img.shape[2] == 1 else img
 
-    def cluster_label_maps(self, loader) -> dict[int, np.ndarray]:
-        """Cluster labels (uint8, base view) by raw index for every sample with points in ``loader``; with more
-        than two classes a nucleus pixel takes the class of its Voronoi cell's point."""
+    def cluster_label_maps(self, loader, only: set[int] | None = None) -> dict[int, np.ndarray]:
+        """Cluster labels (uint8, base view) by raw index for every sample with points in ``loader`` (restricted to
+        the raw indices in ``only`` when given); with more than two classes a nucleus pixel takes the class of its
+        Voronoi cell's point."""
         from ..pseudo.points import cluster_labels, voronoi_cells
 
         labels = {}
@@ -175,6 +177,8 @@ class PointVoronoiMixin:
                 continue
             for i in range(batch["image"].shape[0]):
                 if not bool(batch["has_points"][i]):
+                    continue
+                if only is not None and int(batch["index"][i]) not in only:
                     continue
                 img = self._uint8_image(batch["image"][i])
                 p = batch["points"][i].cpu().numpy()
@@ -192,10 +196,18 @@ class PointVoronoiMixin:
         ds = getattr(dm, "train_dataset", None)
         if not self.point_precompute or ds is None or not hasattr(dm, "train_eval_dataloader"):
             return
-        wanted = set(int(ds.raw_index(i)) for i in range(len(ds)))
-        if wanted and wanted <= set(ds.pseudo_labels):
-            return  # restored (resume) or provided by the user
-        ds.set_pseudo_labels(self.cluster_label_maps(dm.train_eval_dataloader()))
+        # only samples that carry points get cluster labels; in a mixed data set the others never have one, so
+        # "every sample has a label" would never hold and a resume would overwrite restored self-training labels
+        keys_for = getattr(ds, "keys_for", None)
+        raw = [int(ds.raw_index(i)) for i in range(len(ds))]
+        wanted = {r for r in raw if keys_for is None or "points" in keys_for(r)}
+        missing = wanted - set(ds.pseudo_labels)
+        if not missing:
+            return  # restored (resume, PseudoLabelRefresh) or provided by the user
+        labels = dict(ds.pseudo_labels)  # existing labels win: fill in only the missing ones
+        for k, v in self.cluster_label_maps(dm.train_eval_dataloader(), only=missing).items():
+            labels.setdefault(k, v)
+        ds.set_pseudo_labels(labels)
 
     def make_pseudo_labels(self, batch) -> torch.Tensor:
         """Self-training labels: the prediction refined by a dense CRF, unknown where not confident, then
