@@ -80,6 +80,29 @@ REGIMES: dict[str, Regime] = {
 }
 
 
+def _epoch_printer():
+    import lightning as L
+
+    class EpochPrinter(L.Callback):
+        """One line per epoch (the benchmark runs without progress bars)."""
+
+        def __init__(self, name):
+            self.name, self.t0 = name, time.time()
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            m = trainer.callback_metrics
+            print(f"  {self.name} epoch {trainer.current_epoch}: val/dice={float(m.get('val/dice', float('nan'))):.4f} "
+                  f"({time.time() - self.t0:.0f} s)", flush=True)
+
+    return EpochPrinter
+
+
+def EpochPrinter(name):  # noqa: N802 - a factory that keeps Lightning out of this module's import
+    return _epoch_printer()(name)
+
+
 def _instance_scores(model, dm) -> dict[str, float]:
     from lightning_weakseg.instances import instance_metrics, instances_from_mask
     rows = []
@@ -112,7 +135,7 @@ def run_one(data_root: str, dataset: str, name: str, regime: Regime, *, epochs: 
         regime.prepare(dm)
     model = load(regime.module)(arch=arch, encoder=encoder, in_channels=dm.in_channels,
                                 num_classes=dm.num_classes, lr=lr, **regime.model_kwargs)
-    callbacks = [load(c)(**kw) for c, kw in regime.callbacks]
+    callbacks = [load(c)(**kw) for c, kw in regime.callbacks] + [EpochPrinter(f"{dataset}/{name}")]
     logger = False
     if log_dir:
         from lightning.pytorch.loggers import CSVLogger
@@ -157,3 +180,20 @@ REGIMES["mask10_boxes90"] = Regime(_MIXED, ("mask", "boxes"), label_fractions={"
 #                                   model_kwargs={"cls_head": True})  # once MixedSegModule composes ImageLevelMixin
 REGIMES["all_points"] = Regime(_MIXED, ("points",), instances=True)
 REGIMES["all_boxes"] = Regime(_MIXED, ("boxes",), callbacks=_BARRIER)
+
+# image-level tags (issue 5): ACDC class presence per slice (Kvasir: every image holds a polyp, tags need tiles)
+_TAGS = "lightning_weakseg.regimes.tags:TagSegModule"
+_TAG_RW = {"radius": 5, "sigma_rgb": 0.08, "beta": 8.0, "iterations": 48, "downscale": 2}
+_REFRESH = [("lightning_weakseg.callbacks:PseudoLabelRefresh", {"every_n_epochs": 2, "start_epoch": 4})]
+REGIMES["tags_mil"] = Regime(_TAGS, ("tags",), model_kwargs={"tag_mil": "lse", "tag_cls": False,
+                                                            "tag_pseudo_source": "mil", "tag_refine": "none"})
+REGIMES["tags_cam"] = Regime(_TAGS, ("tags",), callbacks=_REFRESH,
+                             model_kwargs={"tag_mil": "lse", "tag_cam": "GradCAM", "tag_cam_layer": "model.encoder.layer3",
+                                           "tag_refine": "none"})
+REGIMES["tags_cam_rw"] = Regime(_TAGS, ("tags",), callbacks=_REFRESH,
+                                model_kwargs={"tag_mil": "lse", "tag_cam": "GradCAM",
+                                              "tag_cam_layer": "model.encoder.layer3", "tag_refine": "random_walk",
+                                              "tag_refine_kwargs": _TAG_RW})
+REGIMES["tags_cam_crf"] = Regime(_TAGS, ("tags",), callbacks=_REFRESH,
+                                 model_kwargs={"tag_mil": "lse", "tag_cam": "GradCAM",
+                                               "tag_cam_layer": "model.encoder.layer3", "tag_refine": "crf"})

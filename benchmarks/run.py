@@ -40,6 +40,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default=None, help="result file name (default: <dataset>_<regimes>)")
     p.add_argument("--log-dir", default=None, help="CSV logs per run (optional)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared CPU machine a "
+                   "second thread that must wait for a busy core made steps 10x slower here)")
     a = p.parse_args(argv)
     if not Path(a.data, DATASETS[a.dataset]["root"]).is_dir():
         p.error(f"{Path(a.data, DATASETS[a.dataset]['root'])} does not exist (see ../shared/data/README.md)")
@@ -48,6 +50,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown regimes {unknown}; known: {sorted(REGIMES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(a.threads)
     tag = a.tag or f"{a.dataset}_{'-'.join(names)}"
     settings = {k: v for k, v in vars(a).items() if k not in ("data", "tag", "log_dir")}
     payload = {"command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -190,8 +190,8 @@ def test_hooks_released_and_model_state_untouched():
     bn = model.encoder.layer4[1].bn2
     stats = bn.running_mean.clone(), bn.num_batches_tracked.clone()
     x = torch.rand(2, 3, 32, 32)
-    for cls in (CAM, GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, EigenCAM):
-        with cls(model) as method:
+    for cls in (CAM, GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, HiResCAM, EigenCAM, ScoreCAM):
+        with cls(model, **({"batch_size": 256} if cls is ScoreCAM else {})) as method:
             method(x, 1)
         assert _hook_count(model) == 0, cls.__name__
     with pytest.raises(ValueError):
@@ -288,3 +288,45 @@ def test_3d_against_autograd_reference():
         assert got.shape == (2, 8, 12, 10)
         assert ref.std() > 0.05
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_3d_scorecam_and_eigencam_against_slow_references():
+    torch.manual_seed(1)
+    model = Tiny3D().eval()
+    x = torch.randn(2, 1, 8, 12, 10)
+    idx = torch.tensor([1, 2])
+    with torch.no_grad():
+        act = model.features(x)
+    size = (8, 12, 10)
+
+    def finish(raw):
+        ref = F.interpolate(torch.relu(raw)[:, None], size=size, mode="trilinear", align_corners=False)[:, 0]
+        lo = ref.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        return (ref - lo) / ((ref - lo).flatten(1).max(1).values.view(-1, 1, 1, 1) + 1e-7)
+
+    # Score-CAM: one masked forward per (sample, channel), in a loop
+    raws = []
+    for b in range(2):
+        scores = []
+        for k in range(act.shape[1]):
+            up = F.interpolate(act[b:b + 1, k:k + 1], size=size, mode="trilinear", align_corners=True)[0, 0]
+            mask = (up - up.min()) / (up.max() - up.min() + 1e-8)
+            with torch.no_grad():
+                scores.append(model(x[b:b + 1] * mask)[0, idx[b]])
+        w = torch.softmax(torch.stack(scores), 0)
+        raws.append((w[:, None, None, None] * act[b]).sum(0))
+    ref = finish(torch.stack(raws))
+    assert ref.std() > 0.05
+    torch.testing.assert_close(ScoreCAM(model, "features", batch_size=5)(x, idx), ref, atol=2e-4, rtol=0)
+    # Eigen-CAM: first right singular vector of the centred (N, C) activations, sign fixed by the mean activation
+    raws = []
+    for b in range(2):
+        a = act[b].reshape(act.shape[1], -1).T.double()
+        a = a - a.mean(0)
+        _, _, vh = torch.linalg.svd(a, full_matrices=False)
+        proj = a @ vh[0]
+        if torch.corrcoef(torch.stack([proj, act[b].mean(0).flatten().double()]))[0, 1] < 0:
+            proj = -proj
+        raws.append(proj.float().view(act.shape[2:]))
+    ref = finish(torch.stack(raws))
+    torch.testing.assert_close(EigenCAM(model, "features")(x), ref, atol=1e-4, rtol=0)

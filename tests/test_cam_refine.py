@@ -2,7 +2,6 @@
 per-pixel reference and hand cases, the dense-CRF wrapper on a picture whose answer is known."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -30,6 +30,9 @@ REGIMES = [
     "points",
     "coteaching",
     "robust",
+    "scribbles",
+    "mixed",
+    "tags",
 ]
 TERM_RTOL = 1e-5    # some losses compute in float32 internally (probs.float()), the rest is float64
 WEIGHT_ATOL = 1e-9  # float64 weights after 4 AdamW steps differ by ~1e-14 (summation order of the all-reduce)
@@ -86,9 +89,10 @@ def compare(one: dict, two: dict, regime: str) -> dict:
         together = sa["index"].tolist() + sb["index"].tolist()
         assert sorted(s1["index"].tolist()) == sorted(together), f"{regime} step {k}: other samples"
         assert len(sa["index"]) == len(sb["index"]), f"{regime} step {k}: ranks hold different batch sizes"
-        assert s1["terms"].keys() == sa["terms"].keys() == sb["terms"].keys()
+        # a term whose label no sample of a rank carries is absent there, i.e. 0 (mixed supervision)
+        assert s1["terms"].keys() == sa["terms"].keys() | sb["terms"].keys()
         for name, v in s1["terms"].items():
-            ddp = 0.5 * (sa["terms"][name] + sb["terms"][name])
+            ddp = 0.5 * (sa["terms"].get(name, 0.0) + sb["terms"].get(name, 0.0))
             assert math.isclose(v, ddp, rel_tol=TERM_RTOL, abs_tol=1e-9), f"{regime} step {k} {name}: {v} vs {ddp}"
         if "select_a" in s1:  # co-teaching: the very same pixels selected, sample by sample
             row = {i: j for j, i in enumerate(s1["index"].tolist())}
@@ -129,10 +133,11 @@ def test_regime_ddp_equals_one_process(runs, regime):
     if regime == "coteaching":
         assert 0 < facts["kept"] < facts["candidates"]  # a real selection, not all or nothing
         assert cbs["ForgetRateSchedule"]["keep_ratio"] == 0.5
-    if regime == "points":
+    if "PseudoLabelRefresh" in cbs:  # points, scribbles, mixed, tags: two rounds of real labels, gathered
         state = cbs["PseudoLabelRefresh"]
         assert state["round"] == 2 and state["labels"].shape[0] == one["records"][0]["train_size"]
-        assert set(state["labels"].unique().tolist()) <= {0, 1, 255} and (state["labels"] != 255).any()
+        assert state["indices"].unique().numel() == state["labels"].shape[0]
+        assert (state["labels"] != 255).sum() > state["labels"].numel() // 2
     if regime == "boxes":
         assert cbs["LogBarrierSchedule"]["t"] == 7.5  # t0 * mu at the last epoch (1)
 

@@ -188,16 +188,18 @@ def test_fit_start_fills_only_missing_point_samples_and_keeps_existing_labels():
     calls = []
     real = model.cluster_label_maps
     model.cluster_label_maps = lambda loader, only=None: calls.append(set(only)) or real(loader, only)
-    # restored labels for every point sample (a marker value no cluster label has): kept, no recomputation
-    restored = {r: np.full((32, 32), 7, np.uint8) for r in point_raw}
+    # restored labels for every point sample (a checkerboard, which no cluster label is): kept, no recomputation
+    marker = (np.indices((32, 32)).sum(0) % 2).astype(np.uint8)
+    restored = {r: marker.copy() for r in point_raw}
     ds.set_pseudo_labels(restored)
     model.on_fit_start()
     assert calls == [] and sorted(ds.pseudo_labels) == point_raw
-    assert all((ds.pseudo_labels[r] == 7).all() for r in point_raw)
+    assert all((ds.pseudo_labels[r] == marker).all() for r in point_raw)
     # one point sample lacks a label: only it is computed, the others stay as they were
     del restored[point_raw[0]]
     ds.set_pseudo_labels(restored)
     model.on_fit_start()
     assert calls == [{point_raw[0]}] and sorted(ds.pseudo_labels) == point_raw
-    assert all((ds.pseudo_labels[r] == 7).all() for r in point_raw[1:])
+    assert all((ds.pseudo_labels[r] == marker).all() for r in point_raw[1:])
+    assert not (ds.pseudo_labels[point_raw[0]] == marker).all()
     assert set(np.unique(ds.pseudo_labels[point_raw[0]])) <= {0, 1, 255}

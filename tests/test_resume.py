@@ -38,6 +38,7 @@ class Regime:
     kwargs: dict = field(default_factory=dict)
     callbacks: Callable[[str], list] = lambda cache_dir: []
     module_state: tuple[str, ...] = ()            # module attributes a callback sets (compared at the end)
+    data: dict = field(default_factory=dict)      # WeakSegDataModule overrides (e.g. label_fractions)
 
 
 # one line per regime; a new regime (scribbles, mixed, tags) is one more line
@@ -50,6 +51,14 @@ REGIMES = [
     Regime("coteaching", "lightning_weakseg.regimes:CoTeachingSegModule", "organ", ["noisy_mask"],
            {"forget_rate": 0.5, "num_gradual": 2}, lambda d: [ForgetRateSchedule()], ("keep_ratio",)),
     Regime("robust", "lightning_weakseg.regimes:RobustSegModule", "organ", ["noisy_mask"], {"robust_loss": "gce"}),
+    Regime("scribbles", "lightning_weakseg.regimes:ScribbleSegModule", "organ", ["scribble"],
+           {"scribble_self_training": True, "scribble_confidence": 0.3},
+           lambda d: [PseudoLabelRefresh(every_n_epochs=1, cache_dir=d)]),
+    Regime("mixed", "lightning_weakseg.regimes:MixedSegModule", "organ", ["mask"], {"scribble_terms": ("pce",)},
+           lambda d: [LogBarrierSchedule(t0=5.0, mu=1.5), PseudoLabelRefresh(every_n_epochs=1, cache_dir=d)],
+           ("barrier_t",), {"label_fractions": {"mask": 0.25, "boxes": 0.25, "points": 0.25, "scribble": 0.25}}),
+    Regime("tags", "lightning_weakseg.regimes:TagSegModule", "organ", ["tags"], {"tag_fg_threshold": 0.3},
+           lambda d: [PseudoLabelRefresh(every_n_epochs=1, start_epoch=0, cache_dir=d)]),
 ]
 
 
@@ -60,7 +69,7 @@ def build(regime: Regime, seed: int, shuffle: bool = False):
     L.seed_everything(seed, verbose=False)
     model = cls(in_channels=in_ch, num_classes=n_cls, **SMALL, **regime.kwargs)
     dm = WeakSegDataModule(synthetic_kind=regime.kind, n_samples=15, image_size=32, train_labels=regime.labels,
-                           batch_size=4, augment="none", shuffle=shuffle, val_fraction=0.2, seed=0)
+                           batch_size=4, augment="none", shuffle=shuffle, val_fraction=0.2, seed=0, **regime.data)
     return model, dm
 
 

@@ -24,7 +24,7 @@ class ForgetRateSchedule(L.Callback):
     the schedule it started with.
 
     Example:
-        >>> cb = ForgetRateSchedule(forget_rate=0.5, num_gradual=4)
+        >>> cb = ForgetRateSchedule(forget_rate=0.5, num_gradual=4, exponent=1.0)
         >>> [cb.keep_ratio_at(t) for t in range(6)]
         [1.0, 0.875, 0.75, 0.625, 0.5, 0.5]
     """

@@ -65,7 +65,7 @@ def dataset_fingerprint(dataset, module) -> dict:
     hp = getattr(module, "hparams", {}) or {}
     return {"n_samples": n, "raw_indices_sha256": _sha256_json(indices), "sample_ids_sha256": _sha256_json(ids),
             "image_hw": [int(v) for v in hw] if hw is not None else None,
-            "module": type(module).__qualname__, "num_classes": hp.get("num_classes")}
+            "module": type(module).__name__, "num_classes": hp.get("num_classes")}
 
 
 def _fingerprint_mismatch(found: dict | None, expected: dict) -> list[str]:
@@ -91,7 +91,8 @@ class PseudoLabelRefresh(L.Callback):
       When a fit starts without checkpoint state for this callback, it resumes from the newest complete round
       in ``cache_dir`` (left-over ``.tmp`` files of a run killed mid-write are removed; a file that fails its
       checksum is skipped with a warning, an older round is used). A cache written for another data set or
-      regime is refused with :class:`PseudoLabelCacheError` naming the fields that differ.
+      regime is refused with :class:`PseudoLabelCacheMismatch` (a :class:`PseudoLabelCacheError`) naming the
+      fields that differ.
     * A checkpoint's labels carry the same fingerprint and are refused in the same way on resume.
 
     Args:
@@ -152,6 +153,9 @@ class PseudoLabelRefresh(L.Callback):
         elif not self._restored and self.cache_dir and expected is not None:
             self._resume_from_cache(trainer, expected)
         self._apply(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restored = False  # a later fit without a checkpoint consults cache_dir again
 
     # ------------------------------------------------------------------ rounds
     def due(self, epoch: int) -> bool:

@@ -157,6 +157,18 @@ class WeakSegDataset(Dataset):
         return sample
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        # one intra-op thread for the many small tensor checks: DataLoader workers do the same; in the main
+        # process (num_workers=0) on a busy machine, waking a second thread per tiny op costs 10-20x
+        n = torch.get_num_threads()
+        if n == 1:
+            return self._getitem(i)
+        torch.set_num_threads(1)
+        try:
+            return self._getitem(i)
+        finally:
+            torch.set_num_threads(n)
+
+    def _getitem(self, i: int) -> dict[str, Any]:
         raw_i = self.raw_index(int(i))
         s = self._base(raw_i)
         maps = {k: s[k] for k in MASK_KEYS + ("instances",) if k in s}

@@ -104,8 +104,11 @@ class FolderDataset(WeakSegDataset):
             path = self.root / boxes_json
             try:
                 self.boxes = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise WeakSegDataError(f"cannot read boxes: {e}", str(path), "boxes") from e
+            if not isinstance(self.boxes, dict):
+                raise WeakSegDataError(f"expected a JSON object {{image id: [[x0, y0, x1, y1], ...]}}, got a "
+                                       f"{type(self.boxes).__name__}", str(path), "boxes")
 
     def raw_length(self) -> int:
         return len(self.files)
@@ -154,10 +157,16 @@ class FolderDataset(WeakSegDataset):
             raw["mask"] = (raw["instances"] > 0).astype(np.int64)
         if self.boxes is not None:
             rows = self.boxes.get(stem, [])
+            if not isinstance(rows, list):
+                raise WeakSegDataError(f"expected a list of boxes, got {type(rows).__name__} {rows!r:.60}", stem,
+                                       "boxes")
             try:
-                b = np.asarray(rows, np.float64).reshape(len(rows), -1) if rows else np.zeros((0, 5))
-            except ValueError as e:
+                b = np.asarray(rows, np.float64) if rows else np.zeros((0, 5))
+            except (ValueError, TypeError) as e:
                 raise WeakSegDataError(f"boxes must be lists of 4 or 5 numbers: {e}", stem, "boxes") from e
+            if b.ndim != 2:  # a flat list or deeper nesting is not a list of boxes; never reshape it into one
+                raise WeakSegDataError(f"boxes must be lists of 4 or 5 numbers, got an array of shape {b.shape}",
+                                       stem, "boxes")
             if b.shape[1] == 4:
                 b = np.concatenate([np.full((len(b), 1), self.box_class), b], 1)
             elif b.shape[1] != 5:

@@ -54,7 +54,8 @@ def _log_p_target(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Te
     """log p_y per pixel (0 at ignored pixels), the labelled mask and the safe target."""
     labelled = target != ignore_index
     safe = torch.where(labelled, target, torch.zeros_like(target)).long()
-    log_p = F.log_softmax(logits.float(), dim=1)
+    # half precision is upcast; float32 and float64 keep their precision
+    log_p = F.log_softmax(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), dim=1)
     log_py = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
     return log_py, labelled, safe
 

@@ -24,8 +24,8 @@ class BoxTightnessMixin:
       outside the boxes of class c, class c is not allowed (plain background CE outside every box, mean over
       those pixels). With ``"barrier"``: :func:`~lightning_weakseg.losses.emptiness_constraint`,
       ψ_t(Σ_outside p_c). CE is the default because Σ_outside p_c >= 0 always, so the barrier never leaves its
-      linear branch: it is t·Σp, whose scale grows with t and with the image, while CE is bounded per pixel,
-      has the well-conditioned (p − y) gradient and gave the better Dice on our data (docs/regimes/boxes.md).
+      linear branch: it is t·Σp, whose scale grows with t and with the image, while CE is a mean over the outside
+      pixels with the well-conditioned (p − y) gradient and needs no schedule (docs/regimes/boxes.md).
     * ``box/size`` — :func:`~lightning_weakseg.losses.box_size_constraint`,
       ``a·|box| <= Σ_box p <= b·|box|`` with ``box_size_bounds = (a, b)``; ``None`` switches it off.
 

@@ -56,13 +56,13 @@ def voronoi_labels_torch(points: list[torch.Tensor], shape: tuple[int, int], poi
         pts[i, :len(p)] = p[:, 1:3].round().float()
         cls[i, :len(p)] = p[:, 0].round().long()
         count[i] = len(p)
-    yy, xx = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-    grid = torch.stack([yy, xx], -1).view(1, h * w, 1, 2)
-    d2 = (grid - pts[:, None]).pow(2).sum(-1)  # (B, HW, M)
-    dmin, owner = d2.min(-1)
-    owner = owner.view(b, h, w)
-    dmin = dmin.view(b, h, w)
+    ys = torch.arange(h, device=device, dtype=torch.float32)
+    xs = torch.arange(w, device=device, dtype=torch.float32)
+    # squared distances are separable: one (B, H, W, M) tensor (the sum), not a (B, HW, M, 2) difference
+    dy2 = (ys[None, :, None] - pts[:, None, :, 0]).square_()            # (B, H, M)
+    dx2 = (xs[None, :, None] - pts[:, None, :, 1]).square_()            # (B, W, M)
+    dmin, owner = (dy2[:, :, None, :] + dx2[:, None, :, :]).min(-1)     # (B, H, W): first nearest point wins
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     has = (count > 0)[:, None, None]
     lab = torch.where(has & (dmin <= point_radius ** 2), cls.gather(1, owner.flatten(1)).view(b, h, w), out)
     edge = torch.zeros((b, h, w), dtype=torch.bool, device=device)

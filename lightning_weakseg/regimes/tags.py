@@ -41,7 +41,8 @@ class ImageLevelMixin:
         tag_mil: MIL pooling of the segmentation map for ``tags/mil`` (one of max, mean, lse, topk, gem,
             attention) or ``None`` (no MIL term).
         tag_mil_kwargs: pooling options (``r`` for lse, ``k`` for topk, ``p`` for gem, ``hidden`` for attention).
-        tag_cls: add the ``tags/cls`` term; switches SMP's classification head on (``cls_head=True``).
+        tag_cls: add the ``tags/cls`` term; switches SMP's classification head on (``cls_head=True`` whatever
+            was passed).
         tag_background: supervise column 0 (background present) too; off by default, since nearly every image has
             background and the column then only teaches the network to predict it everywhere.
         tag_pseudo_source: ``"cam"`` (CAM of the classification head; needs ``tag_cls``) or ``"mil"`` (the
@@ -77,9 +78,7 @@ class ImageLevelMixin:
             raise ValueError("tag_pseudo_source='cam' needs the classification head: set tag_cls=True "
                              "(or use tag_pseudo_source='mil')")
         if tag_cls:
-            if kwargs.get("cls_head") is False:
-                raise ValueError("tag_cls=True needs cls_head=True (got cls_head=False)")
-            kwargs["cls_head"] = True
+            kwargs["cls_head"] = True  # the CLI passes every default explicitly: cls_head=False cannot mean "no head"
         super().__init__(**kwargs)
         self.tag_mil = tag_mil
         self.tag_cls, self.tag_background = bool(tag_cls), bool(tag_background)

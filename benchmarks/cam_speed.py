@@ -1,0 +1,126 @@
+"""CAM speed: lightning_weakseg.cam vs pytorch-grad-cam on the same model and input, in one run.
+
+Model: SMP resnet18 encoder (random weights, BatchNorm statistics warmed up) + global average pooling + linear
+head; target layer ``encoder.layer4``. Grad-CAM on a batch of 16 images at 224², Score-CAM on 2 images (Score-CAM
+costs one forward per channel: 512 per image here). Reports the median of ``--repeats`` calls, the speed-up, and
+the agreement of the maps (Pearson r per sample, minimum over samples; max |difference|), then prints a markdown
+table.
+
+    python benchmarks/cam_speed.py                       # CPU, as in docs/regimes/tags.md
+    python benchmarks/cam_speed.py --device cuda --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM progress bars
+
+import numpy as np  # noqa: E402
+import segmentation_models_pytorch as smp  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.encoder = smp.encoders.get_encoder("resnet18", weights=None)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x)[-1].mean((2, 3)))
+
+
+def timed(fn, repeats: int, sync) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def agreement(ours, theirs) -> tuple[float, float]:
+    a = np.asarray(ours, np.float64).reshape(len(ours), -1)
+    b = np.asarray(theirs, np.float64).reshape(len(theirs), -1)
+    a0, b0 = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    r = (a0 * b0).sum(1) / np.sqrt((a0 * a0).sum(1) * (b0 * b0).sum(1))
+    return float(r.min()), float(np.abs(a - b).max())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--score-images", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="Grad-CAM repeats (median)")
+    p.add_argument("--score-repeats", type=int, default=1, help="Score-CAM repeats (median)")
+    p.add_argument("--score-batch", type=int, default=64, help="our masked images per forward (pytorch-grad-cam: "
+                   "its default, 16)")
+    p.add_argument("--mass-tol", type=float, default=0.05, help="approximate Score-CAM row (0 = skip it)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    warnings.filterwarnings("ignore")
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from lightning_weakseg.cam import GradCAM, ScoreCAM
+
+    dev = torch.device(a.device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    model = EncoderClassifier().to(dev)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, then eval
+        for _ in range(2):
+            model(torch.rand(8, 3, 64, 64, device=dev))
+    model.eval()
+    x = torch.rand(a.batch, 3, a.size, a.size, device=dev)
+    idx = torch.arange(a.batch, device=dev) % 4
+    targets = [ClassifierOutputTarget(int(i)) for i in idx]
+    rows = []
+
+    ours = GradCAM(model, "encoder.layer4")
+    theirs = pgc.GradCAM(model, [model.encoder.layer4])
+    t_ours, m_ours = timed(lambda: ours(x, idx), a.repeats, sync)
+    t_theirs, m_theirs = timed(lambda: theirs(input_tensor=x, targets=targets), a.repeats, sync)
+    theirs.activations_and_grads.release()
+    for prm in model.parameters():  # pytorch-grad-cam back-propagates into the parameters
+        prm.grad = None
+    rows.append(("Grad-CAM", f"{a.batch}×{a.size}²", t_theirs, t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
+
+    xs, ids = x[:a.score_images], idx[:a.score_images]
+    ref = pgc.ScoreCAM(model, [model.encoder.layer4])  # as shipped: 16 masked images per forward
+    t_theirs, m_theirs = timed(lambda: ref(input_tensor=xs, targets=targets[:a.score_images]), a.score_repeats, sync)
+    ref.activations_and_grads.release()
+    exact = ScoreCAM(model, "encoder.layer4", batch_size=a.score_batch)
+    t_ours, m_ours = timed(lambda: exact(xs, ids), a.score_repeats, sync)
+    rows.append(("Score-CAM", f"{a.score_images}×{a.size}²", t_theirs, t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
+    n_exact = exact.last_num_forward
+    if a.mass_tol > 0:
+        approx = ScoreCAM(model, "encoder.layer4", batch_size=a.score_batch, mass_tol=a.mass_tol)
+        t_ours, m_ours = timed(lambda: approx(xs, ids), a.score_repeats, sync)
+        rows.append((f"Score-CAM, mass_tol={a.mass_tol} ({approx.last_num_forward}/{n_exact} forwards)",
+                     f"{a.score_images}×{a.size}²", rows[-1][2], t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
+
+    print(f"device={dev} threads={torch.get_num_threads()} repeats={a.repeats}/{a.score_repeats} "
+          f"torch={torch.__version__} command: python benchmarks/cam_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print("| method | input | pytorch-grad-cam (s) | ours (s) | speed-up | Pearson r (min) | max abs diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, shape, t_ref, t_new, r, d in rows:
+        print(f"| {name} | {shape} | {t_ref:.3f} | {t_new:.3f} | {t_ref / t_new:.1f}× | {r:.4f} | {d:.1e} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Co-teaching: the keep-ratio schedule, the small-loss selection against a brute-force sort (both DDP methods),
+the kept fraction R(T) in pixel and sample mode, the peer exchange (inside the mixin, by gradients), co-teaching+,
+inference modes, and the ForgetRateSchedule's checkpoint state.
+
+(2-process DDP equality of the mixin's selections is checked by tests/test_ddp.py through
+scripts/ddp_regime_check.py; scripts/ddp_coteaching_check.py checks the raw selection with uneven shards.)
+"""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lightning_weakseg.losses.coteaching as ct
+import lightning_weakseg.regimes.coteaching as regime
+from lightning_weakseg.callbacks import ForgetRateSchedule
+from lightning_weakseg.losses import coteaching_keep_ratio, coteaching_losses, coteaching_pair_loss, small_loss_selection
+from lightning_weakseg.regimes import CoTeachingSegModule
+
+
+def R_ref(T, tau, Tk, c=1.0):
+    """R(T) = 1 − min(T^c / T_k · τ, τ), written out."""
+    return 1.0 - min(T ** c / Tk * tau, tau)
+
+
+def brute_force(losses, valid, ratio):
+    """Sort (loss, position) pairs of the valid items, keep the first floor(R·N + 1/2)."""
+    flat, ok = losses.reshape(-1).tolist(), valid.reshape(-1).tolist()
+    items = sorted((math.inf if v != v else v, i) for i, (v, good) in enumerate(zip(flat, ok)) if good)
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    for _, i in items[:int(len(items) * ratio + 0.5)]:
+        keep[i] = True
+    return keep.reshape(losses.shape)
+
+
+# ----------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize("tau,Tk,c", [(0.5, 4, 1.0), (0.3, 10, 1.0), (0.45, 5, 2.0), (0.2, 3, 0.5)])
+def test_keep_ratio_formula(tau, Tk, c):
+    for T in range(0, 13):
+        assert coteaching_keep_ratio(T, tau, Tk, c) == pytest.approx(R_ref(T, tau, Tk, c), abs=1e-12)
+    assert coteaching_keep_ratio(0, tau, 0) == pytest.approx(1 - tau)      # T_k = 0: forget τ from the start
+    with pytest.raises(ValueError, match="forget_rate"):
+        coteaching_keep_ratio(0, 1.5)
+
+
+# ----------------------------------------------------------------------------- selection
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.613, 0.9, 1.0])
+def test_selection_equals_brute_force_with_ties_both_methods(ratio, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    losses = torch.randint(0, 6, (3, 7, 5), generator=g).float() / 3       # many exact ties
+    losses[0, 0, :3] = torch.tensor([-0.0, 0.0, float("nan")])             # -0 ties +0, NaN sorts last
+    valid = torch.rand(3, 7, 5, generator=g) > 0.3
+    want = brute_force(losses, valid, ratio)
+    assert torch.equal(small_loss_selection(losses, ratio, valid), want)
+    # the radix path (used under DDP) run in one process: its all-reduces are identities for one rank
+    monkeypatch.setattr(ct.dist, "all_reduce", lambda t, group=None: None)
+    keys = ct._ordered_keys(losses).reshape(-1)
+    radix = ct._select_radix(keys, valid.reshape(-1), ratio, None, 1, 0).reshape(losses.shape)
+    assert torch.equal(radix, want)
+
+
+def test_pair_loss_exchanges_selections_hand_computed():
+    la = torch.tensor([0.1, 0.9, 0.5, 0.7], requires_grad=True)
+    lb = torch.tensor([0.8, 0.2, 0.6, 0.4], requires_grad=True)
+    out = coteaching_pair_loss(la, lb, 0.5)
+    assert out["select_a"].tolist() == [True, False, True, False]            # A's small losses: items 0, 2
+    assert out["select_b"].tolist() == [False, True, False, True]            # B's small losses: items 1, 3
+    # A learns on B's picks, B on A's; with its own picks A's loss would be (0.1 + 0.5) / 2 = 0.3
+    assert out["loss_a"].item() == pytest.approx((0.9 + 0.7) / 2)
+    assert out["loss_b"].item() == pytest.approx((0.8 + 0.6) / 2)
+    (out["loss_a"] + out["loss_b"]).backward()
+    assert la.grad.tolist() == pytest.approx([0, 0.5, 0, 0.5]) and lb.grad.tolist() == pytest.approx([0.5, 0, 0.5, 0])
+
+
+@pytest.mark.parametrize("selection", ["pixel", "sample"])
+def test_kept_fraction_equals_R_of_T(selection):
+    g = torch.Generator().manual_seed(0)
+    B, K, H, W = 9, 3, 12, 10
+    la, lb = torch.randn(B, K, H, W, generator=g), torch.randn(B, K, H, W, generator=g)
+    target = torch.randint(0, K, (B, H, W), generator=g)
+    target[torch.rand(B, H, W, generator=g) < 0.15] = 255
+    target[4] = 255                                                          # a sample with no labelled pixel
+    has = torch.ones(B, dtype=torch.bool)
+    has[7] = False                                                           # a sample without a noisy mask
+    labelled = (target != 255) & has[:, None, None]
+    n = int(labelled.sum()) if selection == "pixel" else int(labelled.flatten(1).any(1).sum())
+    ce_a = torch.nn.functional.cross_entropy(la, target.clamp(max=K - 1), reduction="none")
+    for T in range(7):
+        R = coteaching_keep_ratio(T, 0.5, 4)
+        assert R == pytest.approx(R_ref(T, 0.5, 4))
+        res = coteaching_losses(la, lb, target, has, R, selection=selection)
+        for sel in (res["select_a"], res["select_b"]):
+            assert abs(int(sel.sum()) - R * n) <= 0.5                        # to one item (rounded)
+            assert not (sel & ~res["candidates"]).any()
+        # A's selection is A's smallest losses
+        per = ce_a if selection == "pixel" else \
+            (ce_a * labelled).flatten(1).sum(1) / labelled.flatten(1).sum(1).clamp_min(1)
+        assert torch.equal(res["select_a"], brute_force(per, res["candidates"], R))
+
+
+def test_coteaching_plus_selects_among_disagreements():
+    g = torch.Generator().manual_seed(3)
+    la, lb = torch.randn(2, 2, 16, 16, generator=g), torch.randn(2, 2, 16, 16, generator=g)
+    target = torch.randint(0, 2, (2, 16, 16), generator=g)
+    target[:, :2] = 255
+    res = coteaching_losses(la, lb, target, None, 0.6, disagreement=True)
+    disagree = (la.argmax(1) != lb.argmax(1)) & (target != 255)
+    assert torch.equal(res["candidates"], disagree) and 0 < int(disagree.sum()) < disagree.numel()
+    assert abs(int(res["select_a"].sum()) - 0.6 * int(disagree.sum())) <= 0.5
+
+
+# ----------------------------------------------------------------------------- the mixin
+TINY = {"encoder_depth": 3, "decoder_channels": (16, 8, 4)}
+
+
+def tiny_module(**kw):
+    torch.manual_seed(0)
+    return CoTeachingSegModule(encoder="resnet18", in_channels=3, num_classes=2, model_kwargs=TINY, **kw)
+
+
+def noisy_batch(B=3, hw=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    noisy = torch.randint(0, 2, (B, hw, hw), generator=g)
+    noisy[torch.rand(B, hw, hw, generator=g) < 0.1] = 255
+    return {"image": torch.rand(B, 3, hw, hw, generator=g), "noisy_mask": noisy,
+            "has_noisy_mask": torch.ones(B, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("selection", ["pixel", "sample"])
+def test_mixin_peers_learn_from_each_others_selection(selection, monkeypatch):
+    """Each network's gradient reaches exactly the items its PEER selected: fails if a network used its own."""
+    model = tiny_module(selection=selection, forget_rate=0.5, num_gradual=4)
+    model.keep_ratio = coteaching_keep_ratio(3, 0.5, 4)                      # R = 0.625, as the callback sets it
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(ct.coteaching_losses(*args, **kwargs))
+        return seen
+
+    monkeypatch.setattr(regime, "coteaching_losses", record)
+    model.train()
+    batch = noisy_batch(B=6 if selection == "sample" else 3)
+    out = model(batch["image"])
+    out["logits_a"].retain_grad()
+    out["logits_b"].retain_grad()
+    terms = model.loss_terms(batch, out)
+    assert set(terms) == {"noisy/coteach_a", "noisy/coteach_b"}
+    sel_a, sel_b, cand = seen["select_a"], seen["select_b"], seen["candidates"]
+    assert abs(int(sel_a.sum()) - 0.625 * int(cand.sum())) <= 0.5
+    assert (sel_a != sel_b).any()                                            # the two selections differ
+    terms["noisy/coteach_a"].backward(retain_graph=True)
+    reach_a = out["logits_a"].grad.abs().sum(1) > 0
+    if selection == "sample":
+        reach_a = reach_a.flatten(1).any(1)
+    assert torch.equal(reach_a, sel_b)
+    assert out["logits_b"].grad is None or out["logits_b"].grad.abs().max() == 0
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.peer_model.parameters())
+    terms["noisy/coteach_b"].backward()
+    reach_b = out["logits_b"].grad.abs().sum(1) > 0
+    if selection == "sample":
+        reach_b = reach_b.flatten(1).any(1)
+    assert torch.equal(reach_b, sel_a)
+
+
+def test_mixin_default_schedule_and_inference_modes():
+    model = tiny_module(forget_rate=0.4, num_gradual=2, inference="average")
+    model.trainer = SimpleNamespace(current_epoch=1)  # current_epoch is all the schedule reads
+    assert model.current_keep_ratio() == pytest.approx(R_ref(1, 0.4, 2))     # no callback: the mixin's schedule
+    model.keep_ratio = 0.9
+    assert model.current_keep_ratio() == 0.9                                  # the callback's value wins
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        pa = model.model(x).softmax(1)
+        pb = model.peer_model(x).softmax(1)
+        avg = model(x)
+        model.hparams.inference = "a"
+        only_a = model(x)
+        model.hparams.inference = "b"
+        only_b = model(x)
+    torch.testing.assert_close(avg["probs"], (pa + pb) / 2)
+    torch.testing.assert_close(avg["logits"].softmax(1), (pa + pb) / 2)
+    torch.testing.assert_close(only_a["probs"], pa)
+    torch.testing.assert_close(only_b["probs"], pb)
+
+
+# ----------------------------------------------------------------------------- ForgetRateSchedule state
+class _Module:
+    def __init__(self, **hp):
+        self.hparams = hp
+        self.keep_ratio = None
+
+    def log(self, *a, **k):
+        pass
+
+
+def test_forget_rate_schedule_state_restores_the_schedule():
+    module = _Module(forget_rate=0.5, num_gradual=4, exponent=1.0)
+    cb = ForgetRateSchedule()
+    cb.on_fit_start(None, module)                                             # τ, T_k, c from the module
+    for epoch in range(3):
+        cb.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), module)
+        assert module.keep_ratio == pytest.approx(R_ref(epoch, 0.5, 4))
+    state = cb.state_dict()
+    assert state == {"forget_rate": 0.5, "num_gradual": 4, "exponent": 1.0, "epoch": 2, "keep_ratio": 0.75}
+    # resume with a callback (and module) configured differently: the checkpoint's schedule continues
+    fresh, module2 = ForgetRateSchedule(forget_rate=0.1, num_gradual=100), _Module(forget_rate=0.2, num_gradual=1)
+    fresh.load_state_dict(state)
+    fresh.on_fit_start(None, module2)
+    assert (fresh.forget_rate, fresh.num_gradual, fresh.exponent) == (0.5, 4, 1.0)
+    for epoch in (3, 4, 5):
+        fresh.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), module2)
+        assert module2.keep_ratio == pytest.approx(R_ref(epoch, 0.5, 4))
