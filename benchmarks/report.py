@@ -35,8 +35,21 @@ def quality_section(path: Path) -> str:
 
 def speed_section(path: Path) -> str:
     payload = json.loads(path.read_text())
-    lines = [f"### {path.stem}", "", f"`{payload.get('command', 'python benchmarks/speed.py')}`", ""]
-    if "markdown" in payload:
+    meta = payload.get("meta", {})
+    cmd = payload.get("command") or meta.get("command", "python benchmarks/speed.py")
+    lines = [f"### {path.stem}", "", f"`{cmd}`", ""]
+    if meta:
+        lines += [", ".join(f"{k}: {v}" for k, v in meta.items() if k != "command"), ""]
+    if isinstance(payload.get("rows"), list) and payload["rows"] and "what" in payload["rows"][0]:
+        lines += ["| measurement | CPU time | wall | ratio (CPU) | target | met |", "|---|---|---|---|---|---|"]
+        for r in payload["rows"]:
+            ratio = r.get("ratio")
+            ratio = f"{ratio:.2f}" if isinstance(ratio, (int, float)) else (ratio or "")
+            met = {True: "yes", False: "**no**"}.get(r.get("ok"), "")
+            lines.append(f"| {r['what']} | {r.get('cpu', '')} | {r.get('wall', '')} | {ratio} | "
+                         f"{r.get('target', '')} | {met} |")
+        lines.append("")
+    elif "markdown" in payload:
         lines += [payload["markdown"], ""]
     else:
         lines += ["```json", json.dumps(payload, indent=1), "```", ""]
@@ -48,7 +61,7 @@ def main():
     parts = []
     for p in results:
         payload = json.loads(p.read_text())
-        parts.append(quality_section(p) if "rows" in payload else speed_section(p))
+        parts.append(quality_section(p) if "settings" in payload else speed_section(p))
     body = "\n".join(parts) if parts else "_no results yet_\n"
     text = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
     if START not in text:

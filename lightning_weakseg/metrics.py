@@ -22,7 +22,7 @@ def hd95(pred: torch.Tensor, target: torch.Tensor, spacing: float = 1.0) -> torc
     """
     bp, bg = boundary(pred), boundary(target)
     B, H, W = pred.shape
-    out = torch.full((B,), float("nan"), device=pred.device)
+    out = torch.full((B,), float("nan"), dtype=torch.float32, device=pred.device)
     ok = bp.flatten(1).any(1) & bg.flatten(1).any(1)
     if not ok.any():
         return out

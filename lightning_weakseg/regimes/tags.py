@@ -117,7 +117,7 @@ class ImageLevelMixin:
     def tag_scores(self, image: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
         """(B, K, H, W) scores in [0, 1] of the tagged foreground classes (0 elsewhere and in column 0)."""
         b, k = tags.shape
-        scores = torch.zeros(b, k, *image.shape[2:], device=image.device)
+        scores = torch.zeros(b, k, *image.shape[2:], dtype=torch.float32, device=image.device)
         if self.tag_pseudo_source == "mil":
             with torch.no_grad():
                 probs = self(image)["probs"].float()
