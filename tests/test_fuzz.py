@@ -27,12 +27,6 @@ from lightning_weakseg.errors import WeakSegDataError
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

@@ -123,13 +123,6 @@ def assert_same(x, y, where: str):
         assert x == y, f"{where}: {x!r} vs {y!r}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and does not fight the other processes on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=REGIMES, ids=lambda r: r.name)
