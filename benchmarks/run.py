@@ -9,6 +9,7 @@ result files into ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -22,6 +23,8 @@ import torch  # noqa: E402
 from common import DATASETS, REGIMES, run_one, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# settings that must be equal for rows to share one table (one "full" row as the reference)
+SAME = ("dataset", "epochs", "image_size", "max_train", "batch_size", "lr", "arch", "encoder", "noise", "seed")
 
 
 def main(argv=None):
@@ -40,6 +43,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default=None, help="result file name (default: <dataset>_<regimes>)")
     p.add_argument("--log-dir", default=None, help="CSV logs per run (optional)")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (the final score is always "
+                   "a full validation after training)")
+    p.add_argument("--append", action="store_true", help="add rows to an existing result file of the same tag "
+                   "(settings must match; a regime already there is replaced): lets two processes share one table")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared CPU machine a "
                    "second thread that must wait for a busy core made steps 10x slower here)")
     a = p.parse_args(argv)
@@ -52,25 +59,52 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
     tag = a.tag or f"{a.dataset}_{'-'.join(names)}"
-    settings = {k: v for k, v in vars(a).items() if k not in ("data", "tag", "log_dir")}
+    settings = {k: v for k, v in vars(a).items() if k not in ("data", "tag", "log_dir", "regimes", "append")}
     payload = {"command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "settings": settings, "machine": f"{platform.node()} {platform.processor()} "
                f"threads={torch.get_num_threads()} cuda={torch.cuda.is_available()}",
                "started": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    path = RESULTS / f"{tag}.json"
+    if path.exists() and not a.append:
+        print(f"{path} exists and will be overwritten (use --append to add rows to it)", flush=True)
     for name in names:
         row = run_one(a.data, a.dataset, name, REGIMES[name], epochs=a.epochs, image_size=a.image_size,
                       max_train=a.max_train, batch_size=a.batch_size, seed=a.seed, arch=a.arch,
-                      encoder=a.encoder, lr=a.lr, noise=a.noise, log_dir=a.log_dir)
-        payload["rows"].append(row)
-        write_json(RESULTS / f"{tag}.json", payload)  # after every run: a killed benchmark keeps what it did
+                      encoder=a.encoder, lr=a.lr, noise=a.noise, log_dir=a.log_dir, val_every=a.val_every)
+        row["command"] = payload["command"]
+        if a.append:
+            payload = merge_row(path, payload, row)
+        else:
+            payload["rows"].append(row)
+            write_json(path, payload)  # after every run: a killed benchmark keeps what it did
         print(f"[{a.dataset}] {name}: dice={row['dice']:.4f} ({row['seconds']:.0f} s)", flush=True)
     print(table(payload))
+
+
+def merge_row(path: Path, payload: dict, row: dict) -> dict:
+    """Read the result file under a lock, check its settings equal ours, replace or append ``row``, write back."""
+    import fcntl
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            old = json.loads(path.read_text())
+            if any(old["settings"].get(k) != payload["settings"].get(k) for k in SAME):
+                raise SystemExit(f"--append: {path} was made with other settings {old.get('settings')}; "
+                                 f"ours are {payload['settings']}")
+            payload = {**old, "rows": [r for r in old["rows"] if r["regime"] != row["regime"]]}
+            payload["rows"].append(row)
+        else:
+            payload = {**payload, "rows": [row]}
+        write_json(path, payload)
+    return payload
 
 
 def table(payload: dict) -> str:
     rows = payload["rows"]
     ref = next((r["dice"] for r in rows if r["regime"] == "full"), None)
-    extra = [k for k in ("obj_f1", "obj_aji") if any(k in r for r in rows)]
+    extra = [k for k in ("obj_f1", "obj_aji", "pseudo_miou", "pseudo_precision", "pseudo_coverage")
+             if any(k in r for r in rows)]
     head = "| regime | train labels | Dice | IoU | HD95 | Dice / full |" + "".join(f" {k} |" for k in extra)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:

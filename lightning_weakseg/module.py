@@ -7,6 +7,8 @@ The plain module trains on full masks and is the full-supervision baseline; regi
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import lightning as L
@@ -14,6 +16,7 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
 
 from .data.batch import IGNORE_INDEX, validate_batch
 from .errors import NonFiniteLossError
@@ -86,6 +89,9 @@ class WeakSegModule(L.LightningModule):
         self.val_hd95 = HD95(num_classes)
         self.test_scores = DiceIoU(num_classes)
         self.test_hd95 = HD95(num_classes)
+        # mean per-sample CE over the evaluated samples, summed and counted across DDP ranks (a mean of the
+        # ranks' means would weigh unequal shards wrongly)
+        self.val_ce, self.test_ce = MeanMetric(), MeanMetric()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -112,7 +118,8 @@ class WeakSegModule(L.LightningModule):
         key = self.hparams.mask_key
         if key in batch and batch[f"has_{key}"].any():
             target, has = batch[key], batch[f"has_{key}"]
-            terms["seg/ce"] = self.batch_mean(masked_cross_entropy(out["logits"], target), has)
+            if self.term_weight("seg/ce") != 0:  # weight 0 (e.g. co-teaching replaces it): not even computed
+                terms["seg/ce"] = self.batch_mean(masked_cross_entropy(out["logits"], target), has)
             if self.hparams.dice_weight > 0:
                 terms["seg/dice"] = self.hparams.dice_weight * self.batch_mean(
                     soft_dice_loss(out["probs"], target), has)
@@ -132,6 +139,22 @@ class WeakSegModule(L.LightningModule):
         # a zero-valued touch of every output keeps all parameters in the graph (DDP needs no unused-parameter scan)
         total = sum(v.sum() * 0.0 for k, v in out.items() if k != "probs" and torch.is_tensor(v) and v.requires_grad)
         bs = batch["image"].shape[0]
+        if self.hparams.on_nonfinite == "skip" and self._trainer is not None and self.trainer.world_size > 1:
+            # Under DDP every rank must skip together (Lightning refuses a None loss there, and a rank that went
+            # on would wait in the gradient all-reduce): one all-reduce of "some term is not finite here"
+            # decides for all; each rank then backpropagates a zero loss (the all-reduce still pairs up) and
+            # optimizer_step drops the gradients, so AdamW leaves the weights and its state alone.
+            local = not all(bool(torch.isfinite(v).all()) for v in terms.values())
+            bad = torch.tensor([float(local)], device=self.device)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            if bad.item() > 0:
+                if local:
+                    names = [k for k, v in terms.items() if not torch.isfinite(v).all()]
+                    warnings.warn(f"on_nonfinite='skip': rank {self.global_rank}: loss terms {names} not finite at "
+                                  f"global step {self.global_step} (epoch {self.current_epoch}); samples "
+                                  f"{batch.get('id')}: every rank skips this batch")
+                self._skip_optimizer_step = True
+                return torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0) if torch.is_tensor(total) else None
         for name, value in terms.items():
             if not torch.isfinite(value).all():
                 msg = (f"loss term '{name}' is {value.detach().item()} at global step {self.global_step} "
@@ -147,6 +170,23 @@ class WeakSegModule(L.LightningModule):
                  on_step=stage == "train", on_epoch=True, batch_size=bs, sync_dist=stage != "train")
         return total
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Lightning's step, except that a batch skipped under DDP (``on_nonfinite="skip"``) leaves no gradient:
+        AdamW skips parameters whose ``grad`` is None, so the weights and the optimizer state stay as they were."""
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def closure():
+            loss = optimizer_closure()
+            if getattr(self, "_skip_optimizer_step", False):
+                self._skip_optimizer_step = False
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+            return loss
+
+        optimizer.step(closure=closure)
+
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int):
         validate_batch(batch, self.num_classes)
@@ -156,13 +196,19 @@ class WeakSegModule(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str):
         out = self(batch["image"])
         if "mask" in batch:
-            pred = out["logits"].argmax(1)
+            # samples flagged "pad" only even out the DDP shards (data/sampling.py): they are not scored
+            keep = ~batch["pad"] if "pad" in batch else slice(None)
+            pred = out["logits"].argmax(1)[keep]
             scores, hd = (self.val_scores, self.val_hd95) if stage == "val" else (self.test_scores, self.test_hd95)
-            target = batch["mask"]
-            scores.update(pred, target)
-            hd.update(pred, torch.where(target == IGNORE_INDEX, 0, target))
-            terms = {"seg/ce": self.batch_mean(masked_cross_entropy(out["logits"], target), batch["has_mask"])}
-            self.log(f"{stage}/ce", terms["seg/ce"], on_epoch=True, batch_size=pred.shape[0], sync_dist=True)
+            target = batch["mask"][keep]
+            if pred.shape[0]:
+                scores.update(pred, target)
+                hd.update(pred, torch.where(target == IGNORE_INDEX, 0, target))
+            has = batch["has_mask"][keep]
+            ce_metric = self.val_ce if stage == "val" else self.test_ce
+            ce = masked_cross_entropy(out["logits"][keep], target)[has]
+            ce_metric.update(ce, torch.ones_like(ce))
+            self.log(f"{stage}/ce", ce_metric, on_step=False, on_epoch=True)
         return out
 
     def validation_step(self, batch: dict, batch_idx: int):

@@ -76,9 +76,14 @@ CASES: dict[str, dict] = {
                              (f"{CB}:PseudoLabelRefresh", {"every_n_epochs": 1})]),
     "tags": dict(module="lightning_weakseg.regimes:TagSegModule", kind="organ", labels=["tags"],
                  kwargs={"tag_fg_threshold": 0.3}, callbacks=[(f"{CB}:PseudoLabelRefresh", {"every_n_epochs": 1})]),
-    # 15 training samples: DistributedSampler pads to 16 by repeating the first one on rank 1
-    "uneven": dict(module="lightning_weakseg:WeakSegModule", kind="organ", labels=["mask"], n_samples=19,
-                   variants=("d1", "d1_padded", "d2"), kwargs={"scheduler": "none"}),
+    # 15 training samples: DistributedSampler pads to 16 by repeating the first one on rank 1; 5 validation
+    # samples: the evaluation shards are evened out with a flagged filler that the metrics leave out
+    "uneven": dict(module="lightning_weakseg:WeakSegModule", kind="organ", labels=["mask"], n_samples=20,
+                   data={"val_fraction": 0.25}, variants=("d1", "d1_padded", "d2"), kwargs={"scheduler": "none"}),
+    # on_nonfinite="skip": the 6th training sample (dealt to rank 1 in step 0) gets a NaN loss in epoch 0 only;
+    # every rank must skip that step together (one process skips the same global batch)
+    "skip": dict(module="lightning_weakseg:WeakSegModule", kind="organ", labels=["mask"],
+                 kwargs={"on_nonfinite": "skip"}, nan_position=5),
 }
 
 
@@ -136,13 +141,28 @@ def _record_steps(model) -> list:
     return records
 
 
+def _poison(model, index: int) -> None:
+    """Make ``seg/ce`` NaN in epoch 0 for the batch that holds sample ``index`` (on the rank that holds it)."""
+    original = model.loss_terms
+
+    def loss_terms(self, batch, out):
+        terms = original(batch, out)
+        if self.current_epoch == 0 and index in batch["index"].tolist():
+            terms["seg/ce"] = terms["seg/ce"] * float("nan")
+        return terms
+
+    model.loss_terms = types.MethodType(loss_terms, model)
+
+
 def run(case: str, variant: str, out: Path, args) -> None:
     spec = CASES[case]
     devices = 2 if variant == "d2" else 1
     L.seed_everything(0, verbose=False)
+    data = {"val_fraction": 0.2, **spec.get("data", {})}
     dm = WeakSegDataModule(synthetic_kind=spec["kind"], n_samples=spec.get("n_samples", args.n_samples),
                            image_size=32, train_labels=spec["labels"], batch_size=args.global_batch // devices,
-                           eval_batch_size=2, augment="none", shuffle=False, val_fraction=0.2, **spec.get("data", {}))
+                           eval_batch_size=2, augment="none", shuffle=False, **data)
+    dm.setup("fit")
     if variant == "d1_padded":  # what DistributedSampler(num_replicas=2, shuffle=False) deals out, in one process
         dm.setup("fit")
         idx = list(dm.train_dataset.indices)
@@ -153,6 +173,8 @@ def run(case: str, variant: str, out: Path, args) -> None:
     n_cls = 2 if spec["kind"] == "nuclei" else 4
     model = cls(encoder=ENCODER, in_channels=in_ch, num_classes=n_cls, norm="group", lr=args.lr,
                 model_kwargs=dict(SMALL), **spec.get("kwargs", {}))
+    if spec.get("nan_position") is not None:
+        _poison(model, int(dm.train_dataset.indices[spec["nan_position"]]))
     records = _record_steps(model)
     callbacks = [_load(name)(**kw) for name, kw in spec.get("callbacks", [])]
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
@@ -165,7 +187,10 @@ def run(case: str, variant: str, out: Path, args) -> None:
     d.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / f"weights_rank{rank}.pt")
     torch.save({"records": records, "callbacks": {type(c).__name__: c.state_dict() for c in callbacks},
-                "world_size": trainer.world_size, "train_size": len(dm.train_dataset)}, d / f"records_rank{rank}.pt")
+                "world_size": trainer.world_size, "train_size": len(dm.train_dataset), "val_size": len(dm.val_dataset),
+                "optimizer_steps": int(model.global_step),
+                "adamw_steps": sorted({float(v["step"]) for v in trainer.optimizers[0].state_dict()["state"].values()
+                                       if "step" in v})}, d / f"records_rank{rank}.pt")
     if rank == 0:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (d / "metrics.json").write_text(json.dumps(metrics, indent=1))

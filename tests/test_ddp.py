@@ -43,7 +43,7 @@ METRIC_ATOL = 1e-5
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--case", *REGIMES, "uneven"],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--case", *REGIMES, "uneven", "skip"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, f"ddp_regime_check failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return out
@@ -152,6 +152,26 @@ def test_uneven_shards_equal_the_padded_order(runs):
     assert ra["train_size"] == 15
     assert [len(s["index"]) for s in ra["records"]] == [len(s["index"]) for s in rb["records"]] == [4, 4, 4, 4]
     assert rb["records"][1]["index"][-1].item() == first  # the repeated sample closes rank 1's epoch
+    # 5 validation samples: 3 + 2 real ones; the filler that evens rank 1 out is not scored, so the metrics
+    # (compared in compare()) equal the one-process metrics over the 5 samples exactly
+    assert ra["val_size"] == 5
     compare(padded, two, "uneven")
     assert [len(s["index"]) for s in plain["records"][0]["records"]] == [8, 7, 8, 7]
     assert max_weight_diff(plain["weights"][0], two["weights"][0]) > 1e-4  # the duplicate does matter
+
+
+def test_nonfinite_skip_is_collective(runs):
+    """on_nonfinite="skip" under DDP: a NaN loss on rank 1 only makes *every* rank skip that step (one all-reduce
+    of the decision), so the run equals one process skipping the same global batch, and the ranks stay identical.
+    Without the shared decision rank 0 would step alone and the ranks would drift apart (or hang)."""
+    one, two = load(runs / "skip" / "d1"), load(runs / "skip" / "d2")
+    r1, (ra, rb) = one["records"][0], two["records"]
+    nan_steps = [[s["step"] for s in r["records"] if any(math.isnan(v) for v in s["terms"].values())]
+                 for r in (r1, ra, rb)]
+    assert nan_steps[0] == [0] and nan_steps[1] == [] and nan_steps[2] == [0]  # seen on rank 1 only
+    for r in (r1, ra, rb):
+        assert r["optimizer_steps"] == 4   # Lightning counts the skipped step (as in one process) ...
+        assert r["adamw_steps"] == [3.0]   # ... but AdamW saw no gradient for it
+    w0, w1 = two["weights"]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "ranks ended with different weights"
+    assert max_weight_diff(one["weights"][0], w0) <= WEIGHT_ATOL

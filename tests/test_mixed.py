@@ -14,10 +14,11 @@ from lightning_weakseg.data import WeakSegDataModule
 from lightning_weakseg.data.batch import collate
 from lightning_weakseg.regimes import MixedSegModule
 
-MIX = {"mask": 0.25, "scribble": 0.25, "boxes": 0.25, "points": 0.25}
+MIX = {"mask": 0.2, "scribble": 0.2, "boxes": 0.2, "points": 0.2, "tags": 0.2}
 # which samples a term may touch: its label's has-flag (and has_pseudo for the pseudo-label terms)
-OWNER = {"seg": ("mask",), "scribble": ("scribble",), "box": ("boxes",), "point": ("points",),
-         "scribble/pseudo": ("scribble", "pseudo"), "point/cluster": ("points", "pseudo")}
+OWNER = {"seg": ("mask",), "scribble": ("scribble",), "box": ("boxes",), "point": ("points",), "tags": ("tags",),
+         "scribble/pseudo": ("scribble", "pseudo"), "point/cluster": ("points", "pseudo"),
+         "tags/pseudo": ("tags", "pseudo")}
 
 
 def owner_mask(name, batch):
@@ -31,14 +32,14 @@ def owner_mask(name, batch):
 
 @pytest.fixture(scope="module")
 def setup():
-    dm = WeakSegDataModule(synthetic_kind="organ", n_samples=12, image_size=32, batch_size=8, label_fractions=MIX,
+    dm = WeakSegDataModule(synthetic_kind="organ", n_samples=14, image_size=32, batch_size=8, label_fractions=MIX,
                            augment="none", val_fraction=0.2, seed=0)
     dm.setup("fit")
     ds = dm.train_dataset
     rng = np.random.default_rng(0)
     # pseudo labels on every other sample: the pseudo-label terms must still follow their own label type
     ds.set_pseudo_labels({i: rng.integers(0, dm.num_classes, (32, 32)).astype(np.uint8) for i in ds.indices[::2]})
-    samples = [ds[i] for i in range(8)]
+    samples = [ds[i] for i in range(10)]
     model = MixedSegModule(in_channels=dm.in_channels, num_classes=dm.num_classes, dice_weight=0.5,
                            scribble_terms=("pce", "crf", "entropy", "tv"), scribble_self_training=True,
                            scribble_crf_kernel_radius=2, point_crf_kernel_radius=2,
@@ -56,11 +57,12 @@ def total(model, terms):
 
 def test_mixed_batch_loss_is_the_mean_of_its_single_sample_losses(setup):
     model, samples, batch, out = setup
-    for k in ("mask", "scribble", "boxes", "points", "pseudo"):
+    for k in ("mask", "scribble", "boxes", "points", "tags", "pseudo"):
         assert batch[f"has_{k}"].any() and not batch[f"has_{k}"].all(), k  # a real mix
     terms = model.loss_terms(batch, out)
     expected_names = {"seg/ce", "seg/dice", "scribble/pce", "scribble/crf", "scribble/entropy", "scribble/tv",
-                      "box/tightness", "box/emptiness", "box/size", "point/voronoi", "point/crf"}
+                      "box/tightness", "box/emptiness", "box/size", "point/voronoi", "point/crf", "tags/mil",
+                      "tags/pseudo"}
     assert expected_names <= set(terms)
     b = len(samples)
     parts = []

@@ -4,8 +4,8 @@ final weights are bit-identical to an uninterrupted N+M run, for every regime mo
 One uninterrupted run per regime (3 epochs x 3 steps) writes an epoch-boundary checkpoint with ModelCheckpoint
 (after epoch 1) and a mid-epoch one with ``trainer.save_checkpoint`` (after step 4). A resumed run builds a new
 model (from another seed, so the weights must come from the checkpoint), new callbacks and a new data module.
-CPU, ``deterministic=True``, GroupNorm, no shuffle/augmentation (their RNG is not part of a checkpoint: see
-``test_shuffled_resume_at_epoch_boundary``).
+CPU, ``deterministic=True``, GroupNorm, no shuffle, no augmentation (albumentations' RNG is not part of a
+checkpoint); shuffled orders are checked by ``test_shuffled_resume``.
 """
 from __future__ import annotations
 
@@ -190,18 +190,13 @@ def test_checkpoint_holds_the_schedule_state(uninterrupted):
     _checkpoint_content(regime, torch.load(str(root / "epoch=1.ckpt"), weights_only=False))
 
 
-def _mid_epoch_resumable(dm: WeakSegDataModule) -> bool:
+def test_train_loader_is_resumable():
+    """Lightning treats a loader with state_dict/load_state_dict as resumable (no "not resumable" warning)."""
+    dm = build(REGIMES[0], 0)[1]
     dm.setup("fit")
-    stateful_dm = type(dm).state_dict is not L.LightningDataModule.state_dict
-    return stateful_dm or isinstance(dm.train_dataloader(), _Stateful)
+    assert isinstance(dm.train_dataloader(), _Stateful)
 
 
-MID_EPOCH_SUPPORTED = _mid_epoch_resumable(build(REGIMES[0], 0)[1])
-
-
-@pytest.mark.xfail(not MID_EPOCH_SUPPORTED, strict=True, raises=AssertionError,
-                   reason="WeakSegDataModule's train loader is not resumable: Lightning restarts it at batch 0 and "
-                          "keeps counting from the saved batch index (docs/reliability.md, known gaps)")
 def test_resume_mid_epoch_is_exact(uninterrupted):
     regime, root, ref, _, seen = uninterrupted
     model, cbs, dm, probe = resume(regime, root, str(root / "mid.ckpt"))
@@ -211,23 +206,21 @@ def test_resume_mid_epoch_is_exact(uninterrupted):
     assert_same(ref["callbacks"], got["callbacks"], f"{regime.name} callbacks")
 
 
-def _epoch_seeded_order(dm: WeakSegDataModule) -> bool:
-    dm.setup("fit")
-    return hasattr(dm.train_dataloader().sampler, "set_epoch")
-
-
-@pytest.mark.xfail(not _epoch_seeded_order(build(REGIMES[0], 0, shuffle=True)[1]), strict=True,
-                   raises=AssertionError,
-                   reason="shuffle=True draws each epoch's order from the global RNG, which no checkpoint holds; "
-                          "an epoch-seeded sampler (seed, epoch) would make it exact (docs/reliability.md)")
-def test_shuffled_resume_at_epoch_boundary(tmp_path):
+@pytest.mark.parametrize("where", ["epoch_boundary", "mid_epoch"])
+def test_shuffled_resume(tmp_path, where):
+    """shuffle=True: epoch e's order is drawn from (seed, e) only, so a resumed run sees the same orders."""
     regime = REGIMES[0]
     model, dm = build(regime, 0, shuffle=True)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path), filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     probe = ProbeRestored([])
-    trainer(tmp_path, [probe, ckpt]).fit(model, dm)
+    trainer(tmp_path, [probe, ckpt, SaveAtStep(MID_STEP, str(tmp_path / "mid.ckpt"))]).fit(model, dm)
+    orders = [tuple(i for _, b in probe.seen[e * STEPS_PER_EPOCH:(e + 1) * STEPS_PER_EPOCH] for i in b)
+              for e in range(EPOCHS)]
+    assert len(set(orders)) == EPOCHS, "shuffle=True should give each epoch another order"
     model2, dm2 = build(regime, 99, shuffle=True)
     probe2 = ProbeRestored([])
-    trainer(tmp_path, [probe2]).fit(model2, dm2, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
-    assert probe2.seen == probe.seen[2 * STEPS_PER_EPOCH:], "another sample order after resume"
+    path, done = (tmp_path / "epoch=1.ckpt", 2 * STEPS_PER_EPOCH) if where == "epoch_boundary" else \
+        (tmp_path / "mid.ckpt", MID_STEP)
+    trainer(tmp_path, [probe2]).fit(model2, dm2, ckpt_path=str(path))
+    assert probe2.seen == probe.seen[done:], "another sample order after resume"
     assert all(torch.equal(v, model2.state_dict()[k]) for k, v in model.state_dict().items())

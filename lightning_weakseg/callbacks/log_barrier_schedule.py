@@ -56,6 +56,11 @@ class LogBarrierSchedule(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply(trainer, pl_module)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning restored its loops: a run resumed in the middle of an epoch gets no
+        # on_train_epoch_start for that epoch, and at on_fit_start the epoch counter is not restored yet
+        self._apply(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         t = self._apply(trainer, pl_module)
         pl_module.log("train/barrier_t", t, on_step=False, on_epoch=True, batch_size=1)

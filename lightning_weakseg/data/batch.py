@@ -261,6 +261,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             rows.append(t)
         batch[key] = rows
         batch[f"has_{key}"] = torch.tensor(present)
+    if any(s.get("pad") for s in samples):  # evaluation filler under DDP (data/sampling.py): not scored
+        batch["pad"] = torch.tensor([bool(s.get("pad", False)) for s in samples])
     for key in COUNT_KEYS:
         if any(key in s for s in samples):
             batch[key] = torch.tensor([int(s.get(key, 0)) for s in samples])

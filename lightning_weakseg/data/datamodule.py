@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .batch import LABEL_KEYS, collate
 from .folder import FolderDataset
+from .sampling import EpochSampler, PadFlagged, PaddedEvalSampler, ResumableDataLoader
 from .synthetic import KINDS, SyntheticDataset
 
 
@@ -97,6 +98,7 @@ class WeakSegDataModule(L.LightningDataModule):
         for hp in (self.hparams, self._hparams_initial):
             hp["num_classes"], hp["in_channels"] = num_classes, in_channels
         self.train_dataset = self.val_dataset = self.test_dataset = None
+        self._resume_position: dict = {}  # from a checkpoint (load_state_dict)
 
     def _full(self):
         h = self.hparams
@@ -144,15 +146,54 @@ class WeakSegDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers, collate_fn=collate,
                           persistent_workers=False, drop_last=False)
 
+    def _eval_loader(self, ds):
+        """Evaluation: in one process the plain order; under DDP even shards whose filler samples carry
+        ``pad=True``, which the module leaves out of its metrics (no sample counts twice)."""
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self._loader(ds, False, batch_size)
+        return DataLoader(PadFlagged(ds), batch_size=batch_size, sampler=PaddedEvalSampler(ds),
+                          num_workers=self.hparams.num_workers, collate_fn=collate, drop_last=False)
+
     def train_dataloader(self):
-        return self._loader(self.train_dataset, shuffle=self.hparams.shuffle)
+        """The training loader: epoch ``e``'s order depends only on ``(seed, e)`` (also with ``shuffle=True``,
+        also in one process), and its position is part of every checkpoint, so a run resumed from a checkpoint
+        written inside an epoch continues with the next batch (:mod:`~lightning_weakseg.data.sampling`)."""
+        h = self.hparams
+        sampler = EpochSampler(self.train_dataset, shuffle=h.shuffle, seed=h.seed, batch_size=h.batch_size)
+        loader = ResumableDataLoader(self.train_dataset, batch_size=h.batch_size, sampler=sampler,
+                                     num_workers=h.num_workers, collate_fn=collate, drop_last=False)
+        loader.progress = self._train_position
+        if self._resume_position:
+            loader.load_state_dict(self._resume_position)
+        return loader
+
+    def _train_position(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def state_dict(self) -> dict:
+        """The training loader's position (epoch, batches finished in it), saved in every checkpoint.
+
+        Lightning restores the data module before it first builds the training loader, so
+        :meth:`train_dataloader` can start the resumed epoch at the right batch (Lightning's own restore of
+        ``_Stateful`` loaders comes after the loader was built for ``estimated_stepping_batches``, too late)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.train_dataset is None or not trainer.training:
+            return {}
+        epoch, batches = self._train_position()
+        return {"train_position": {"epoch": int(epoch), "batches": int(batches),
+                                   "batches_per_epoch": int(trainer.num_training_batches)}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_position = dict(state_dict.get("train_position") or {})
 
     def val_dataloader(self):
-        return self._loader(self.val_dataset, False, self.hparams.eval_batch_size)
+        return self._eval_loader(self.val_dataset)
 
     def test_dataloader(self):
         ds = self.test_dataset if self.test_dataset is not None else self.val_dataset
-        return self._loader(ds, False, self.hparams.eval_batch_size)
+        return self._eval_loader(ds)
 
     def predict_dataloader(self):
         return self.test_dataloader()

@@ -230,7 +230,7 @@ def coteaching_pair_loss(losses_a: Tensor, losses_b: Tensor, keep_ratio: float, 
 
 def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: Tensor | None, keep_ratio: float,
                       *, selection: str = "pixel", disagreement: bool = False, ignore_index: int = 255,
-                      group=None, method: str = "radix") -> dict[str, Tensor]:
+                      group=None, method: str = "radix", balance: bool = False) -> dict[str, Tensor]:
     r"""Co-teaching (or co-teaching+) losses of two segmentation networks on a noisy mask.
 
     Per-pixel cross-entropy :math:`\ell_{n,i} = -\log p^{(n)}_{i,y_i}` on the labelled pixels
@@ -240,6 +240,11 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     differ count (per sample: the loss is the mean over its disagreement pixels, images without any are
     not candidates). Then :func:`coteaching_pair_loss` keeps R of the candidates for each network and
     trains its peer on them.
+
+    ``balance=True`` (pixel selection only) keeps R of the candidates *of each noisy-label class* instead of R
+    of all candidates. Without it the small-loss rule favours the majority class: in a polyp or organ image the
+    few, harder foreground pixels have the largest losses and are the first dropped, so the kept set drifts
+    towards all-background as the forget rate grows.
 
     Args:
         logits_a, logits_b: (B, K, H, W). target: (B, H, W) long. has: (B,) bool or None (all labelled).
@@ -265,6 +270,16 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     region = labelled
     if disagreement:
         region = region & (logits_a.detach().argmax(1) != logits_b.detach().argmax(1))
+    if selection == "pixel" and balance:
+        select_a, select_b = torch.zeros_like(region), torch.zeros_like(region)
+        for c in range(k):  # a loop over classes (K collectives under DDP, the same K on every rank)
+            rc = region & (safe == c)
+            select_a |= small_loss_selection(ce_a.detach(), keep_ratio, rc, group, method=method)
+            select_b |= small_loss_selection(ce_b.detach(), keep_ratio, rc, group, method=method)
+        return {"loss_a": masked_mean(ce_a, select_b, group), "loss_b": masked_mean(ce_b, select_a, group),
+                "select_a": select_a, "select_b": select_b, "candidates": region}
+    if balance:
+        raise ValueError("coteaching_losses: balance=True needs selection='pixel'")
     if selection == "pixel":
         out = coteaching_pair_loss(ce_a, ce_b, keep_ratio, region, group, method=method)
         out["candidates"] = region

@@ -42,6 +42,9 @@ class CoTeachingMixin:
         peer_arch, peer_encoder, peer_model_kwargs: the peer's SMP architecture (default: the same as the
             main model), built with ``smp.create_model`` and its own random initialisation.
         selection_method: ``"radix"`` or ``"gather"`` for the DDP threshold (same result).
+        class_balanced: keep R(T) of the candidate pixels of each noisy-label class rather than of all pixels
+            (pixel selection only): the plain rule drops the minority foreground first (see
+            :func:`~lightning_weakseg.losses.coteaching_losses`).
     """
 
     default_loss_weights = {"noisy/coteach_a": 1.0, "noisy/coteach_b": 1.0}
@@ -50,11 +53,13 @@ class CoTeachingMixin:
                  exponent: float = 1.0, selection: str = "pixel", coteach_plus: bool = False,
                  plus_start_epoch: int = 0, inference: str = "average", peer_arch: str | None = None,
                  peer_encoder: str | None = None, peer_model_kwargs: dict[str, Any] | None = None,
-                 selection_method: str = "radix", **kwargs):
+                 selection_method: str = "radix", class_balanced: bool = False, **kwargs):
         if selection not in ("pixel", "sample"):
             raise ValueError(f"selection: expected 'pixel' or 'sample', got {selection!r}")
         if inference not in ("average", "a", "b"):
             raise ValueError(f"inference: expected 'average', 'a' or 'b', got {inference!r}")
+        if class_balanced and selection != "pixel":
+            raise ValueError("class_balanced=True needs selection='pixel'")
         if selection_method not in ("radix", "gather"):
             raise ValueError(f"selection_method: expected 'radix' or 'gather', got {selection_method!r}")
         coteaching_keep_ratio(0, forget_rate, num_gradual, exponent)  # validates the schedule
@@ -114,7 +119,8 @@ class CoTeachingMixin:
         plus = bool(h.coteach_plus) and self.current_epoch >= h.plus_start_epoch
         ratio = self.current_keep_ratio()
         res = coteaching_losses(logits_a, logits_b, target, has, ratio, selection=h.selection,
-                                disagreement=plus, ignore_index=self.ignore_index, method=h.selection_method)
+                                disagreement=plus, ignore_index=self.ignore_index, method=h.selection_method,
+                                balance=bool(h.get("class_balanced", False)))
         terms["noisy/coteach_a"] = res["loss_a"]
         terms["noisy/coteach_b"] = res["loss_b"]
         if self._trainer is not None:

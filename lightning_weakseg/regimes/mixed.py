@@ -9,6 +9,7 @@ from ..module import WeakSegModule
 from .boxes import BoxTightnessMixin
 from .points import PointVoronoiMixin
 from .scribbles import ScribbleMixin
+from .tags import ImageLevelMixin
 
 __all__ = ["MixedSegModule"]
 
@@ -25,7 +26,7 @@ def _data_label_keys(dm) -> set[str] | None:
     return None if labels is None else set(labels)
 
 
-class MixedSegModule(ScribbleMixin, BoxTightnessMixin, PointVoronoiMixin, WeakSegModule):
+class MixedSegModule(ScribbleMixin, ImageLevelMixin, BoxTightnessMixin, PointVoronoiMixin, WeakSegModule):
     """Full masks, scribbles, boxes and points in one batch (pair with ``WeakSegDataModule(label_fractions=...)``).
 
     Terms, each applied only to the samples whose ``has_<key>`` flag is set:
@@ -37,7 +38,7 @@ class MixedSegModule(ScribbleMixin, BoxTightnessMixin, PointVoronoiMixin, WeakSe
     ``scribble``   ``scribble/pce|crf|entropy|tv|pseudo``   :class:`~.scribbles.ScribbleMixin`
     ``boxes``      ``box/tightness|emptiness|size``         :class:`~.boxes.BoxTightnessMixin`
     ``points``     ``point/voronoi|cluster|crf``            :class:`~.points.PointVoronoiMixin`
-    ``tags``       (ImageLevelMixin, regimes/tags.py: not composed here yet — see the class body)
+    ``tags``       ``tags/mil|cls|pseudo``                  :class:`~.tags.ImageLevelMixin`
     ============== ======================================== ==============================================
 
     **Normalisation.** Every term is a per-sample value v_i reduced by
@@ -59,12 +60,18 @@ class MixedSegModule(ScribbleMixin, BoxTightnessMixin, PointVoronoiMixin, WeakSe
 
     Point-cluster labels are computed at fit start only when the data module's training labels include
     ``points``. The self-training labels (:meth:`make_pseudo_labels`) follow each sample's label: the scribble
-    rule for scribbled samples, the point rule (Voronoi-constrained, dense-CRF refined) for the others.
+    rule for scribbled samples, the tag rule (MIL softmax or CAM of the tagged classes, thresholded) for tagged
+    ones, the point rule (Voronoi-constrained, dense-CRF refined) for the others.
     """
 
-    # ImageLevelMixin (regimes/tags.py, written separately) will be composed here for ``tags`` — as the first base,
-    # MixedSegModule(ImageLevelMixin, ScribbleMixin, BoxTightnessMixin, PointVoronoiMixin, WeakSegModule), with
-    # ``cls_head=True`` — once it exists; its terms must reduce with batch_mean(·, has_tags) like the others.
+    tag_pseudo_needs_tags = True
+
+    def __init__(self, *, tag_cls: bool = False, tag_pseudo_source: str = "mil", tag_refine: str = "none",
+                 **kwargs):
+        """Tags default to MIL on the segmentation map only (``tags/mil``): no classification head, so a mixed
+        model without tags has exactly the parameters of the plain model. ``tag_cls=True`` adds SMP's head and
+        ``tags/cls``; ``tag_pseudo_source="cam"`` (needs the head) makes CAM pseudo-masks for self-training."""
+        super().__init__(tag_cls=tag_cls, tag_pseudo_source=tag_pseudo_source, tag_refine=tag_refine, **kwargs)
 
     def on_fit_start(self):
         keys = _data_label_keys(getattr(self.trainer, "datamodule", None))

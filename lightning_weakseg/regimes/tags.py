@@ -57,6 +57,9 @@ class ImageLevelMixin:
     """
 
     default_loss_weights = {"tags/mil": 1.0, "tags/cls": 1.0, "tags/pseudo": 1.0}
+    # False: every sample with pseudo labels gets ``tags/pseudo`` (all samples carry tags in TagSegModule);
+    # True (MixedSegModule): only the samples that carry tags, the others' pseudo labels belong to other mixins
+    tag_pseudo_needs_tags = False
 
     def __init__(self, *, tag_mil: str | None = "lse", tag_mil_kwargs: dict | None = None, tag_cls: bool = True,
                  tag_background: bool = False, tag_pseudo_source: str = "cam", tag_cam: str = "GradCAM",
@@ -104,8 +107,11 @@ class ImageLevelMixin:
                 cls = mil_loss(out["cls_logits"].float(), tags, classes=self._tag_columns())
                 terms["tags/cls"] = self.batch_mean(cls, has)
         if "pseudo" in batch and batch["has_pseudo"].any():
-            terms["tags/pseudo"] = self.batch_mean(masked_cross_entropy(out["logits"], batch["pseudo"]),
-                                                   batch["has_pseudo"])
+            which = batch["has_pseudo"]
+            if self.tag_pseudo_needs_tags:  # mixed batches: other samples' pseudo labels belong to other terms
+                which = which & batch["has_tags"] if "tags" in batch else torch.zeros_like(which)
+            if which.any():
+                terms["tags/pseudo"] = self.batch_mean(masked_cross_entropy(out["logits"], batch["pseudo"]), which)
         return terms
 
     # ------------------------------------------------------------------ stage 2
@@ -141,13 +147,18 @@ class ImageLevelMixin:
         tagged classes → refinement → confident thresholds. Samples without tags are 255 everywhere."""
         image = batch["image"].to(self.device)
         b, h, w = image.shape[0], *image.shape[2:]
+        nxt = getattr(super(), "make_pseudo_labels", None)  # e.g. the point regime in MixedSegModule
         if "tags" not in batch:
-            return torch.full((b, h, w), IGNORE, dtype=torch.long, device=image.device)
+            return nxt(batch) if nxt is not None else torch.full((b, h, w), IGNORE, dtype=torch.long,
+                                                                   device=image.device)
         tags = batch["tags"].to(image.device).float()
         has = batch["has_tags"].to(image.device)
         tags = tags * has[:, None]  # no tags: cam_to_pseudo leaves the sample at 255
         scores = self.refine_scores(self.tag_scores(image, tags), image, tags)
-        return cam_to_pseudo(scores, tags, self.tag_fg_threshold, self.tag_bg_threshold)
+        lab = cam_to_pseudo(scores, tags, self.tag_fg_threshold, self.tag_bg_threshold)
+        if nxt is not None and not bool(has.all()):  # samples without tags: the next mixin's labels
+            lab = torch.where(has[:, None, None], lab, nxt(batch).to(lab.device).long())
+        return lab
 
 
 class TagSegModule(ImageLevelMixin, WeakSegModule):
