@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lightning_weakseg.losses.coteaching as ct
 import lightning_weakseg.regimes.coteaching as regime
@@ -211,3 +212,33 @@ def test_forget_rate_schedule_state_restores_the_schedule():
     for epoch in (3, 4, 5):
         fresh.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), module2)
         assert module2.keep_ratio == pytest.approx(R_ref(epoch, 0.5, 4))
+
+
+def test_class_balanced_selection_keeps_R_of_each_class():
+    """balance=True: R of the labelled pixels of *each* noisy-label class are kept (round half up), even when one
+    class's losses are all larger than the other's; without it the hard minority class is dropped first."""
+    torch.manual_seed(0)
+    b, h, w = 2, 6, 7
+    target = torch.zeros(b, h, w, dtype=torch.long)
+    target[:, :2, :3] = 1                      # 12 foreground pixels, 72 background
+    target[0, 5, 6] = 255                      # one unlabelled pixel
+    logits_a, logits_b = torch.randn(b, 2, h, w), torch.randn(b, 2, h, w)
+    logits_a[:, 1] -= 3.0 * (target == 1)      # foreground is hard for both networks: large losses
+    logits_b[:, 1] -= 3.0 * (target == 1)
+    ratio = 0.6
+    out = coteaching_losses(logits_a, logits_b, target, None, ratio, balance=True)
+    for key in ("select_a", "select_b"):
+        sel = out[key]
+        for c, n in ((0, 71), (1, 12)):
+            assert int((sel & (target == c)).sum()) == int(n * ratio + 0.5), (key, c)
+        assert not sel[target == 255].any()
+    # a slow reference: per class, the smallest round(R n_c) CE values of network a
+    ce_a = F.cross_entropy(logits_a, target.clamp_max(1), reduction="none")
+    for c in (0, 1):
+        vals = ce_a[target == c]
+        k = int(len(vals) * ratio + 0.5)
+        assert torch.equal(torch.sort(ce_a[out["select_a"] & (target == c)]).values, torch.sort(vals).values[:k])
+    plain = coteaching_losses(logits_a, logits_b, target, None, ratio)
+    assert int((plain["select_a"] & (target == 1)).sum()) < int(12 * ratio + 0.5)  # the imbalance it fixes
+    with pytest.raises(ValueError, match="selection='pixel'"):
+        coteaching_losses(logits_a, logits_b, target, None, ratio, selection="sample", balance=True)
