@@ -1,12 +1,23 @@
 """CAM speed: lightning_weakseg.cam vs pytorch-grad-cam on the same model and input, in one run.
 
-Model: SMP resnet18 encoder (random weights, BatchNorm statistics warmed up) + global average pooling + linear
-head; target layer ``encoder.layer4``. Grad-CAM on a batch of 16 images at 224², Score-CAM on 2 images (Score-CAM
-costs one forward per channel: 512 per image here). Reports the median of ``--repeats`` calls, the speed-up, and
-the agreement of the maps (Pearson r per sample, minimum over samples; max |difference|), then prints a markdown
-table.
+Models (random weights, BatchNorm statistics warmed up), target layer ``encoder.layer4``:
+
+* ``--model classifier`` (default): SMP resnet18 encoder + global average pooling + linear head. Both
+  libraries run the whole model on every masked input (there is nothing to skip).
+* ``--model unet``: SMP ``Unet`` resnet18 with ``aux_params`` (SMP classification head), the model of
+  ``WeakSegModule(cls_head=True)``. pytorch-grad-cam needs a (B, K) classifier, so it gets
+  ``ClassifierAdapter(unet)`` and runs encoder + decoder + heads per masked input; ours is given the Unet
+  itself and, by default (``score_model="auto"``), scores the masked inputs with encoder + classification
+  head only (the decoder cannot change the class logit). Both use the classification head's raw logit.
+
+Grad-CAM on a batch of 16 images at 224², Score-CAM on 2 images (Score-CAM costs one forward per channel:
+512 per image here). Reports the median of ``--repeats`` calls, the speed-up, and the agreement of the maps
+(Pearson r per sample, minimum over samples; max |difference|), then prints a markdown table. Our Score-CAM
+rows name the scorer used (``ScoreCAM.last_scorer``); ``--ablation`` adds our Score-CAM with
+``score_model=None, optimize=False`` (whole model, no BatchNorm folding, contiguous memory format).
 
     python benchmarks/cam_speed.py                       # CPU, as in docs/regimes/tags.md
+    python benchmarks/cam_speed.py --model unet --ablation
     python benchmarks/cam_speed.py --device cuda --repeats 5
 """
 from __future__ import annotations
@@ -59,12 +70,14 @@ def agreement(ours, theirs) -> tuple[float, float]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", choices=("classifier", "unet"), default="classifier")
+    p.add_argument("--ablation", action="store_true", help="also time our Score-CAM without its speed-ups")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--score-images", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="Grad-CAM repeats (median)")
     p.add_argument("--score-repeats", type=int, default=1, help="Score-CAM repeats (median)")
-    p.add_argument("--score-batch", type=int, default=64, help="our masked images per forward (pytorch-grad-cam: "
+    p.add_argument("--score-batch", type=int, default=32, help="our masked images per forward (pytorch-grad-cam: "
                    "its default, 16)")
     p.add_argument("--mass-tol", type=float, default=0.05, help="approximate Score-CAM row (0 = skip it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -75,12 +88,17 @@ def main(argv=None):
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from lightning_weakseg.cam import GradCAM, ScoreCAM
+    from lightning_weakseg.cam import ClassifierAdapter, GradCAM, ScoreCAM
 
     dev = torch.device(a.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    model = EncoderClassifier().to(dev)
+    if a.model == "unet":
+        model = smp.create_model("Unet", "resnet18", encoder_weights=None, classes=2,
+                                 aux_params={"classes": 4}).to(dev)
+        peer = ClassifierAdapter(model)  # pytorch-grad-cam needs (B, K) logits
+    else:
+        model = peer = EncoderClassifier().to(dev)
     with torch.no_grad():  # non-trivial BatchNorm statistics, then eval
         for _ in range(2):
             model(torch.rand(8, 3, 64, 64, device=dev))
@@ -91,7 +109,7 @@ def main(argv=None):
     rows = []
 
     ours = GradCAM(model, "encoder.layer4")
-    theirs = pgc.GradCAM(model, [model.encoder.layer4])
+    theirs = pgc.GradCAM(peer, [model.encoder.layer4])
     t_ours, m_ours = timed(lambda: ours(x, idx), a.repeats, sync)
     t_theirs, m_theirs = timed(lambda: theirs(input_tensor=x, targets=targets), a.repeats, sync)
     theirs.activations_and_grads.release()
@@ -100,20 +118,26 @@ def main(argv=None):
     rows.append(("Grad-CAM", f"{a.batch}×{a.size}²", t_theirs, t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
 
     xs, ids = x[:a.score_images], idx[:a.score_images]
-    ref = pgc.ScoreCAM(model, [model.encoder.layer4])  # as shipped: 16 masked images per forward
+    ref = pgc.ScoreCAM(peer, [model.encoder.layer4])  # as shipped: 16 masked images per forward
     t_theirs, m_theirs = timed(lambda: ref(input_tensor=xs, targets=targets[:a.score_images]), a.score_repeats, sync)
     ref.activations_and_grads.release()
     exact = ScoreCAM(model, "encoder.layer4", batch_size=a.score_batch)
     t_ours, m_ours = timed(lambda: exact(xs, ids), a.score_repeats, sync)
-    rows.append(("Score-CAM", f"{a.score_images}×{a.size}²", t_theirs, t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
-    n_exact = exact.last_num_forward
+    rows.append((f"Score-CAM [{exact.last_scorer}]", f"{a.score_images}×{a.size}²", t_theirs, t_ours,
+                 *agreement(m_ours.cpu().numpy(), m_theirs)))
+    t_ref, n_exact = t_theirs, exact.last_num_forward
+    if a.ablation:
+        plain = ScoreCAM(model, "encoder.layer4", batch_size=a.score_batch, score_model=None, optimize=False)
+        t_ours, m_ours = timed(lambda: plain(xs, ids), a.score_repeats, sync)
+        rows.append((f"Score-CAM [{plain.last_scorer}] (score_model=None, optimize=False)",
+                     f"{a.score_images}×{a.size}²", t_ref, t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
     if a.mass_tol > 0:
         approx = ScoreCAM(model, "encoder.layer4", batch_size=a.score_batch, mass_tol=a.mass_tol)
         t_ours, m_ours = timed(lambda: approx(xs, ids), a.score_repeats, sync)
-        rows.append((f"Score-CAM, mass_tol={a.mass_tol} ({approx.last_num_forward}/{n_exact} forwards)",
-                     f"{a.score_images}×{a.size}²", rows[-1][2], t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
+        rows.append((f"Score-CAM [{approx.last_scorer}], mass_tol={a.mass_tol} ({approx.last_num_forward}/{n_exact} "
+                     "forwards)", f"{a.score_images}×{a.size}²", t_ref, t_ours, *agreement(m_ours.cpu().numpy(), m_theirs)))
 
-    print(f"device={dev} threads={torch.get_num_threads()} repeats={a.repeats}/{a.score_repeats} "
+    print(f"model={a.model} device={dev} threads={torch.get_num_threads()} repeats={a.repeats}/{a.score_repeats} "
           f"torch={torch.__version__} command: python benchmarks/cam_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print("| method | input | pytorch-grad-cam (s) | ours (s) | speed-up | Pearson r (min) | max abs diff |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -258,6 +258,15 @@ _BOX = "lightning_weakseg.regimes.boxes:BoxSegModule"
 REGIMES["boxes_s70"] = Regime(_BOX, ("boxes",), model_kwargs={"box_size_bounds": (0.7, 0.9)}, callbacks=_BARRIER)
 REGIMES["boxes_w3_s70"] = Regime(_BOX, ("boxes",), model_kwargs={"box_size_bounds": (0.7, 0.9), "box_band_width": 3},
                                  callbacks=_BARRIER)
+# the constraint terms are sums over a box divided by H*W: inside a box that holds ~20 % of the image they pull
+# each pixel ~5x less than the emptiness CE pulls the pixels outside; weight 10 (or a faster-growing t) evens it
+REGIMES["boxes_x10"] = Regime(_BOX, ("boxes",), model_kwargs={"loss_weights": {"box/tightness": 10.0, "box/size": 10.0}},
+                              callbacks=_BARRIER)
+REGIMES["boxes_mu13"] = Regime(_BOX, ("boxes",), callbacks=[("lightning_weakseg.callbacks:LogBarrierSchedule",
+                                                             {"mu": 1.3})])
+REGIMES["boxes_x10_s60"] = Regime(_BOX, ("boxes",), model_kwargs={"loss_weights": {"box/tightness": 10.0,
+                                                                                   "box/size": 10.0},
+                                                                  "box_size_bounds": (0.6, 0.9)}, callbacks=_BARRIER)
 
 # noisy-mask variants (issue 6). At noise rate 0.5 the simulated masks have ~7 % wrong pixels (11 % of the
 # noisy foreground, 5.5 % of the noisy background; 64-px Kvasir, benchmarks/noise_stats.py) and

@@ -25,12 +25,28 @@ def quality_section(path: Path) -> str:
               f"lr {s['lr']}, max train {s['max_train']}, seed {s['seed']}"
               + (f", noise rate {s['noise']}" if s.get("noise") is not None else ""))
     n = payload["rows"][0] if payload["rows"] else {}
+    commands = list(dict.fromkeys(r.get("command", payload["command"]) for r in payload["rows"])) or \
+        [payload["command"]]
+    variants = [r for r in payload["rows"] if r.get("pseudo_variants")]
+    extra = []
+    for r in variants:
+        extra += [f"Pseudo-masks of the trained `{r['regime']}` model with each CAM method and refinement (validation "
+                  f"set, tags from its masks; mIoU over foreground classes with unlabelled pixels as background, "
+                  f"precision of the labelled pixels, fraction labelled):", "",
+                  "| CAM + refinement | pseudo mIoU | precision | coverage | seconds |", "|---|---|---|---|---|"]
+        for name, v in r["pseudo_variants"].items():
+            if "error" in v:
+                extra.append(f"| {name} | error: {v['error'][:80]} | | | |")
+            else:
+                extra.append(f"| {name} | {v['pseudo_miou']:.3f} | {v['pseudo_precision']:.3f} | "
+                             f"{v['pseudo_coverage']:.3f} | {v['seconds']} |")
+        extra.append("")
     return "\n".join([
         f"### {path.stem}", "",
-        f"`{payload['command']}`", "",
+        *[line for c in commands for line in (f"`{c}`", "")],
         f"Budget: {budget}. Split: {n.get('n_train', '?')} train / {n.get('n_val', '?')} validation images. "
         f"Machine: {payload['machine']}; started {payload['started']}.", "",
-        table(payload), ""])
+        table(payload), "", *extra])
 
 
 def speed_section(path: Path) -> str:

@@ -1,5 +1,6 @@
 """CAM family against pytorch-grad-cam / torchcam on the same SMP encoder + linear head, plus the contract:
 hooks released, model state untouched, works inside Lightning validation (inference mode), 3D, batching."""
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,6 +149,76 @@ def test_scorecam_matches_pytorch_grad_cam(clf):
     got2 = approx(x, 1)
     assert approx.last_num_forward < method.last_num_forward
     assert (pearson(got2.numpy(), want) > 0.95).all()
+
+
+def test_scorecam_skips_the_decoder_of_an_smp_aux_model():
+    """score_model="auto": an SMP Unet with a classification head is scored with encoder + head only (and a
+    BatchNorm-folded, channels-last copy); the maps still match pytorch-grad-cam run on the whole model."""
+    torch.manual_seed(0)
+    net = _warm(smp.create_model("Unet", "resnet18", encoder_weights=None, classes=2, aux_params={"classes": 3}), 32)
+    x = torch.rand(2, 3, 64, 64)
+    idx = torch.tensor([2, 0])
+    calls = []
+    handle = net.decoder.register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+    try:
+        method = ScoreCAM(net, "encoder.layer3", batch_size=128)
+        got = method(x, idx)
+        assert method.last_scorer == "encoder+head, optimized"
+        assert calls == [2]  # the forward that reads the activation; no masked input went through the decoder
+        calls.clear()
+        slow = ScoreCAM(net, "encoder.layer3", batch_size=128, score_model=None, optimize=False)
+        want_slow = slow(x, idx)
+        assert slow.last_scorer == "model" and sum(calls) == 2 + slow.last_num_forward
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want_slow, atol=1e-5, rtol=0)
+    with pgc.ScoreCAM(ClassifierAdapter(net), [net.encoder.layer3]) as ref:
+        ref.batch_size = 128
+        want = ref(x, [ClassifierOutputTarget(2), ClassifierOutputTarget(0)])
+    assert_agree(got, want)
+
+
+def test_scorecam_score_model_fallbacks_and_cache():
+    torch.manual_seed(0)
+    net = _warm(smp.create_model("Unet", "resnet18", encoder_weights=None, classes=2, aux_params={"classes": 3}), 32)
+    x = torch.rand(1, 3, 32, 32)
+
+    class Doubled(type(net)):  # forward overridden: the head's logit is no longer the model's score
+        def forward(self, x):
+            mask, labels = super().forward(x)
+            return mask, 2 * labels
+
+    other = copy.deepcopy(net)
+    other.__class__ = Doubled
+    method = ScoreCAM(other, "encoder.layer4", batch_size=256)
+    got = method(x, 1)
+    assert method.last_scorer.startswith("model")
+    torch.testing.assert_close(got, ScoreCAM(other, "encoder.layer4", batch_size=256, optimize=False,
+                                             score_model=None)(x, 1), atol=1e-5, rtol=0)
+    # an explicit score_model that does not give the model's logits is refused
+    class Shifted(nn.Module):
+        def forward(self, z):
+            return ClassifierAdapter(net)(z) + 1.0
+
+    with pytest.raises(ValueError, match="score_model"):
+        ScoreCAM(net, "encoder.layer4", score_model=Shifted())(x, 1)
+    # the optimised copy follows in-place weight updates (optimizer steps): same maps as a fresh method
+    method = ScoreCAM(net, "encoder.layer4", batch_size=256)
+    before = method(x, 1)
+    with torch.no_grad():
+        net.encoder.layer2[0].conv1.weight.mul_(-3.0)
+        net.classification_head[-2].weight.add_(0.5)  # the head's linear layer
+    after = method(x, 1)
+    assert method.last_scorer == "encoder+head, optimized"  # a stale copy would fail the logit check
+    fresh = ScoreCAM(net, "encoder.layer4", batch_size=256, optimize=False)(x, 1)
+    torch.testing.assert_close(after, fresh, atol=1e-5, rtol=0)
+    assert (after - before).abs().max() > 1e-2
+    # built and run under inference mode (Lightning validation), on an inference tensor
+    with torch.inference_mode():
+        inside = ScoreCAM(net, "encoder.layer4", batch_size=256)
+        got = inside(x.clone(), 1)
+    assert inside.last_scorer == "encoder+head, optimized"
+    torch.testing.assert_close(got, fresh, atol=1e-5, rtol=0)
 
 
 def test_smp_aux_model_and_adapter():

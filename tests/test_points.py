@@ -114,7 +114,172 @@ def test_cluster_labels_partial_never_calls_nucleus_colour_background():
     assert ((part == 0) & unclicked).sum() == 0
 
 
-# ---------------------------------------------------------------- the mixin
+# ---------------------------------------------------------------- the fast building blocks against slow references
+def random_points(rng, n, shape, dup=0):
+    p = np.c_[rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)]
+    return np.r_[p, p[:dup]] if dup else p
+
+
+def test_voronoi_cells_exact_against_brute_force():
+    from lightning_weakseg.pseudo.points import voronoi_cells
+    rng = np.random.default_rng(5)
+    for shape, n, dup in (((57, 83), 40, 3), ((31, 29), 2, 0), ((64, 64), 150, 5)):
+        pts = random_points(rng, n, shape, dup)
+        cells, dist = voronoi_cells(pts, shape)
+        d2 = brute_nearest(pts, shape)[..., 0]
+        assert np.array_equal(dist, np.sqrt(d2))  # exact distances
+        yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+        own = (yy - pts[cells, 0]) ** 2 + (xx - pts[cells, 1]) ** 2
+        assert np.array_equal(own, d2)  # the cell's point is a nearest point (ties: any of them)
+
+
+def slow_voronoi_label(pts, shape, cells, point_radius=2.0):
+    """Pixel-pair loop from the geometric definition: for 4-neighbours p, q in the cells of different points a, b
+    the one nearer the perpendicular bisector of a, b is an edge pixel (both on a tie). Signed distances to the
+    bisector are projections on b − a from the midpoint (times 2|b − a|, to stay in integers)."""
+    h, w = shape
+    edge = np.zeros(shape, bool)
+    for y in range(h):
+        for x in range(w):
+            for qy, qx in ((y, x + 1), (y + 1, x)):
+                if qy >= h or qx >= w or cells[y, x] == cells[qy, qx]:
+                    continue
+                a, b = pts[cells[y, x]], pts[cells[qy, qx]]
+                ab = b - a
+                dp = int(np.dot(a + b - 2 * np.array([y, x]), ab))    # >= 0: p on a's side
+                dq = int(np.dot(2 * np.array([qy, qx]) - a - b, ab))  # >= 0: q on b's side
+                edge[y, x] |= dp <= dq
+                edge[qy, qx] |= dq <= dp
+    d2 = brute_nearest(pts, shape)[..., 0]
+    lab = np.full(shape, 255, np.uint8)
+    lab[d2 <= point_radius ** 2] = 1
+    lab[edge] = 0
+    lab[pts[:, 0], pts[:, 1]] = 1
+    return lab
+
+
+def test_voronoi_labels_larger_random_case_against_pixel_loop():
+    rng = np.random.default_rng(11)
+    shape = (96, 130)
+    p = np.unique(random_points(rng, 120, shape), axis=0)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    d2 = (yy[..., None] - p[:, 0]) ** 2 + (xx[..., None] - p[:, 1]) ** 2
+    brute_cells = d2.argmin(-1)  # ties: the first point
+    want = slow_voronoi_label(p, shape, brute_cells)
+    # the same cells: the edge rule alone, exactly
+    assert (voronoi_labels(p, shape, _cells=(brute_cells, np.sqrt(d2.min(-1)))) == want).all()
+    # our own cells break distance ties differently (which of two equidistant points owns a pixel); that can
+    # move an edge pixel next to a three-cell junction, nothing else
+    got = voronoi_labels(p, shape)
+    assert (got != want).sum() <= 5
+    d = np.sqrt(np.sort(d2, -1))
+    is_point = np.zeros(shape, bool)
+    is_point[p[:, 0], p[:, 1]] = True
+    for lab in (got, want):
+        edge = (lab == 0) | is_point  # a clicked pixel stays nucleus even on an edge (adjacent clicks)
+        assert ((d[..., 1] - d[..., 0])[lab == 0] <= 1.5).all()  # edge pixels hug a bisector
+        assert (lab[is_point] == 1).all()
+        assert ((lab == 1) == (((d[..., 0] <= 2) & (lab != 0)) | is_point)).all()
+        # separation: 4-neighbours whose sets of nearest points are disjoint are never both non-edge
+        nearest = d2 == d2.min(-1, keepdims=True)
+        for sa, sb, ea, eb in ((nearest[:, :-1], nearest[:, 1:], edge[:, :-1], edge[:, 1:]),
+                               (nearest[:-1], nearest[1:], edge[:-1], edge[1:])):
+            assert not (~(sa & sb).any(-1) & ~ea & ~eb).any()
+
+
+def test_remove_small_and_fill_holes_against_scipy():
+    from lightning_weakseg.pseudo.points import _fill_holes, _remove_small
+    rng = np.random.default_rng(2)
+    for density in (0.3, 0.55, 0.7):
+        m = ndi.gaussian_filter(rng.random((90, 110)), 1.5) > np.quantile(
+            ndi.gaussian_filter(rng.random((90, 110)), 1.5), 1 - density)
+        m = rng.random((90, 110)) < density if density == 0.7 else m
+        lab, n = ndi.label(m)  # 4-connected objects
+        for size in (2, 5, 30):
+            want = np.zeros_like(m)
+            for i in range(1, n + 1):
+                obj = lab == i
+                if obj.sum() >= size:
+                    want |= obj
+            assert np.array_equal(_remove_small(m, size), want)
+        assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
+
+
+def _per_cell_dilation(mask, cells, r):
+    """Slow reference: each cell's mask dilated by the disk on its own, clipped to the cell; and for every pixel
+    the number of cells whose mask lies within r."""
+    yy, xx = np.mgrid[-int(r):int(r) + 1, -int(r):int(r) + 1]
+    disk = yy ** 2 + xx ** 2 <= r * r
+    out = np.zeros(mask.shape, bool)
+    reach = np.zeros(mask.shape, int)
+    for c in np.unique(cells):
+        grown = ndi.binary_dilation(mask & (cells == c), disk)
+        out |= grown & (cells == c)
+        reach += grown
+    return out, reach
+
+
+def test_dilate_and_erode_in_cells_against_slow_references():
+    from lightning_weakseg.pseudo.points import _Geometry, _check_points, _dilate_in_cells, _erode_in_cells
+    rng = np.random.default_rng(4)
+    shape = (80, 90)
+    pts = _check_points(np.unique(random_points(rng, 25, shape), axis=0), shape)
+    geo = _Geometry(pts, shape)
+    cells = geo.cells.astype(int)
+    mask = ndi.gaussian_filter(rng.random(shape), 2) > 0.52
+    for r in (2, 3.5, 5):
+        got = _dilate_in_cells(mask, geo.cells, r, pts)
+        want, reach = _per_cell_dilation(mask, cells, r)
+        assert not (got & ~want).any()               # never crosses into another cell
+        assert np.array_equal(got[reach < 3], want[reach < 3])  # exact where at most two cells' mask is in reach
+        assert (got == want).mean() > 0.98  # a dense mask in small cells: the hard case (one ordering: 0.94)
+        # erosion: disk erosion of the mask without the cell-border pixels (outside the image counts as inside)
+        border = geo.border()
+        inner = mask & ~border
+        assert np.array_equal(_erode_in_cells(mask, border, r), ndi.distance_transform_edt(inner) > r)
+    # border = pixels with a 4-neighbour in another cell
+    b = np.zeros(shape, bool)
+    b[:, :-1] |= cells[:, :-1] != cells[:, 1:]
+    b[:, 1:] |= cells[:, :-1] != cells[:, 1:]
+    b[:-1] |= cells[:-1] != cells[1:]
+    b[1:] |= cells[:-1] != cells[1:]
+    assert np.array_equal(geo.border(), b)
+
+
+def test_kmeans_matches_sklearn():
+    from sklearn.cluster import KMeans
+    from lightning_weakseg.pseudo.points import _kmeans
+    rng = np.random.default_rng(0)
+    centres = np.array([[19.0, 8, 16, 5], [4, 3, 6, 12], [4, 3, 6, 19.5]])
+    x = np.concatenate([c + rng.normal(0, 1.2, (n, 4)) for c, n in zip(centres, (300, 900, 1800))])
+    ours = _kmeans(x, 3, np.random.default_rng(1), 3, 100)
+    ref = KMeans(3, n_init=3, random_state=0, tol=0).fit(x).cluster_centers_
+    order = lambda c: c[np.argsort(c[:, 3])]  # noqa: E731
+    assert np.allclose(order(ours), order(ref), atol=1e-6)
+
+
+def nuclei_like(size, n, seed=0):
+    rng = np.random.default_rng(seed)
+    pts = rng.integers(10, size - 10, (n, 2))
+    yy, xx = np.mgrid[:size, :size]
+    fg = ((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2 <= 64).any(-1)
+    img = np.where(fg[..., None], [190, 80, 160], [40, 30, 60]) + rng.normal(0, 12, (size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8), pts, fg
+
+
+def test_cluster_labels_subsampled_fit_and_seed_stability():
+    """k-means fitted on a pixel subsample gives (almost) the labels of the fit on every pixel, whatever the seed;
+    and when no pixel near a point falls in either non-nucleus cluster (a tie in the overlap), the background is
+    the cluster far from the points, not whichever one the clustering happened to list first."""
+    img, pts, fg = nuclei_like(240, 60)
+    full = cluster_labels(img, pts, max_fit_pixels=10 ** 9)
+    for seed in range(4):
+        lab = cluster_labels(img, pts, max_fit_pixels=2048, seed=seed)
+        assert (lab == full).mean() > 0.99
+        assert (lab == 0).mean() > 0.4                      # the far cluster is the background
+        known = lab != 255
+        assert (((lab == 1) == fg)[known]).mean() > 0.99
+
 def test_torch_voronoi_equals_numpy():
     from lightning_weakseg.regimes.points import voronoi_labels_torch
     rng = np.random.default_rng(0)

@@ -11,10 +11,17 @@ One point per nucleus gives two complementary, partial label maps:
   drop nucleus objects smaller than ``min_object_size``; inside each Voronoi cell dilate, fill holes and erode;
   background excludes pixels within ``bg_point_margin`` of a point.
 
-Everything is O(HW) array code: one Euclidean distance transform with ``return_indices`` gives both the
-distance to the nearest point and its index (the Voronoi cell), edges come from label changes between
-neighbouring pixels, morphology inside cells is done with distance transforms, and k-means is a vectorised
-Lloyd iteration fitted on a pixel subsample and then applied to every pixel.
+Everything is O(HW) array code without Python loops over points or cells:
+
+* one exact Euclidean distance transform with ``return_indices`` gives both the distance to the nearest point
+  and its index (the Voronoi cell); :func:`point_labels` computes it once for both labels;
+* Voronoi edges come from the pixel pairs whose nearest point differs (a few per cent of the pixels), decided
+  exactly in integer arithmetic;
+* k-means is a vectorised Lloyd iteration fitted on a random pixel subsample (fixed seed); assigning every
+  pixel to the k centres is one (k, C) × (C, HW) product and k − 1 comparisons;
+* the morphology runs on whole images with OpenCV (disk-shaped structuring elements, flood fill for the holes,
+  connected components for the small objects); "inside each Voronoi cell" is obtained from the cell index map
+  (max and min filters of the cell ids for the dilation, cell-border pixels removed before the erosion).
 
 Partial points (only a fraction of nuclei clicked): the functions are unchanged, but the labels mean less.
 Unclicked nuclei fall inside the Voronoi cells of clicked neighbours, so a Voronoi edge can cross an unclicked
@@ -25,10 +32,12 @@ a background weight below 1 in the loss (``PointVoronoiMixin(point_bg_weight=...
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import WeakSegDataError
+from .morphology import _dilate_in_cells, _disk, _erode_in_cells, _fill_holes, _remove_small, _u8  # noqa: F401
 
 IGNORE = 255
 
@@ -67,6 +76,29 @@ def _check_shape(shape) -> tuple[int, int]:
     return shape
 
 
+def _nearest(pts: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Exact nearest point of every pixel (at least one point): ``(cells, dist2)`` (H, W), cells uint16 (fewer
+    than 65535 points) or int32, dist2 the squared Euclidean distance, an exact integer (int32, or int64 for
+    images of 2**30 pixels or more). Duplicate points: the last one owns the pixel."""
+    h, w = shape
+    seeds = np.ones(shape, dtype=bool)
+    seeds[pts[:, 0], pts[:, 1]] = False
+    iy, ix = ndi.distance_transform_edt(seeds, return_distances=False, return_indices=True)
+    if h * w >= 2 ** 30:
+        iy, ix = iy.astype(np.int64), ix.astype(np.int64)
+    dist2 = iy - np.arange(h, dtype=iy.dtype)[:, None]
+    dx = ix - np.arange(w, dtype=ix.dtype)[None]
+    dist2 *= dist2
+    dx *= dx
+    dist2 += dx
+    flat = iy
+    flat *= w
+    flat += ix
+    owner = np.zeros(h * w, np.uint16 if len(pts) < 65535 else np.int32)
+    owner[pts[:, 0] * w + pts[:, 1]] = np.arange(len(pts))  # duplicates: the last one owns the pixel
+    return owner.take(flat), dist2
+
+
 def voronoi_cells(points, shape):
     """Nearest-point map: ``(cells, dist)`` with ``cells[y, x]`` the index of the nearest point and ``dist`` the
     Euclidean distance to it (both (H, W)); cells is -1 everywhere when there is no point."""
@@ -74,64 +106,102 @@ def voronoi_cells(points, shape):
     pts = _check_points(points, shape)
     if len(pts) == 0:
         return np.full(shape, -1, np.int64), np.full(shape, np.inf, np.float64)
-    seeds = np.ones(shape, dtype=bool)
-    seeds[pts[:, 0], pts[:, 1]] = False
-    dist, (iy, ix) = ndi.distance_transform_edt(seeds, return_indices=True)
-    owner = np.full(shape, -1, np.int64)
-    owner[pts[:, 0], pts[:, 1]] = np.arange(len(pts))  # duplicates: the last one owns the pixel
-    return owner[iy, ix], dist
+    cells, dist2 = _nearest(pts, shape)
+    return cells.astype(np.int64), np.sqrt(dist2, dtype=np.float64)
 
 
-def _neighbour_pairs(connectivity: int):
+def _neighbour_offsets(connectivity: int):
     pairs = [(0, 1), (1, 0)]
     if connectivity == 2:
         pairs += [(1, 1), (1, -1)]
     return pairs
 
 
-def _shifted(a, dy, dx):
-    """Views (a[p], a[p + (dy, dx)]) over all p for which both lie inside the image."""
-    h, w = a.shape[:2]
-    y0, y1 = max(0, -dy), h - max(0, dy)
-    x0, x1 = max(0, -dx), w - max(0, dx)
-    return a[y0:y1, x0:x1], a[y0 + dy:y1 + dy, x0 + dx:x1 + dx], (slice(y0, y1), slice(x0, x1)), (
-        slice(y0 + dy, y1 + dy), slice(x0 + dx, x1 + dx))
+class _Geometry:
+    """The nearest-point map of one image with the quantities derived from it, each computed once."""
+
+    def __init__(self, pts: np.ndarray, shape, cells=None, dist=None):
+        self.pts, self.shape = pts, shape
+        if cells is None:
+            cells, self.dist2 = _nearest(pts, shape)
+        else:  # (cells, dist) as returned by voronoi_cells
+            self.dist2 = np.rint(np.square(np.asarray(dist, np.float64))).astype(np.int64)
+        self.cells = cells
+        self._pairs: dict[int, list] = {}
+        self._edges: dict[int, np.ndarray] = {}
+        self._border = None
+
+    def within(self, r: float) -> np.ndarray:
+        """dist <= r, bool (H, W): exactly, as dist² <= ⌊r²⌋ in integers."""
+        if not np.isfinite(r):
+            return np.full(self.shape, r > 0)
+        return self.dist2 <= (int(np.floor(r * r)) if r >= 0 else -1)
+
+    def pairs(self, connectivity: int):
+        """For each neighbour offset: flat indices (p, q = p + offset) and cells (a, b) of the pixel pairs in
+        different cells."""
+        if connectivity not in self._pairs:
+            h, w = self.shape
+            c = self.cells.reshape(-1)
+            n = h * w
+            out = []
+            for dy, dx in _neighbour_offsets(connectivity):
+                o = dy * w + dx
+                if o >= n:
+                    continue
+                diff = c[:n - o] != c[o:]
+                if dx == 1:  # q = p + (dy, 1) leaves the image when p is in the last column
+                    diff[w - 1::w] = False
+                elif dx == -1:
+                    diff[0::w] = False
+                p = np.flatnonzero(diff)
+                q = p + o
+                out.append((p, q, c.take(p), c.take(q)))
+            self._pairs[connectivity] = out
+        return self._pairs[connectivity]
+
+    def edges(self, connectivity: int = 1) -> np.ndarray:
+        """Pixels on the Voronoi edges, bool (H, W).
+
+        For every pair of neighbouring pixels (p, q) in different cells (a, b) the pixel closer to the bisector
+        of a and b is marked (both on a tie). The distance of p to that bisector is (|p−b|² − |p−a|²) / (2|a−b|),
+        so comparing the two numerators decides it — exactly, in integers. The edge sits midway between the
+        points and separates the cells (no neighbouring pair of non-edge pixels belongs to two cells)."""
+        if connectivity not in self._edges:
+            h, w = self.shape
+            edges = np.zeros(h * w, dtype=bool)
+            if len(self.pts) >= 2:
+                py_, px_ = self.pts[:, 0], self.pts[:, 1]
+                for p, q, a, b in self.pairs(connectivity):
+                    ya, xa, yb, xb = py_[a], px_[a], py_[b], px_[b]
+                    y = p // w
+                    x = p - y * w
+                    yq = q // w
+                    xq = q - yq * w
+                    num_p = (y - yb) ** 2 + (x - xb) ** 2 - (y - ya) ** 2 - (x - xa) ** 2  # >= 0: p is in a's cell
+                    num_q = (yq - ya) ** 2 + (xq - xa) ** 2 - (yq - yb) ** 2 - (xq - xb) ** 2
+                    edges[p[num_p <= num_q]] = True
+                    edges[q[num_q <= num_p]] = True
+            self._edges[connectivity] = edges.reshape(self.shape)
+        return self._edges[connectivity]
+
+    def border(self) -> np.ndarray:
+        """Pixels with a 4-neighbour in another cell, bool (H, W)."""
+        if self._border is None:
+            border = np.zeros(self.shape[0] * self.shape[1], dtype=bool)
+            for p, q, _, _ in self.pairs(1):
+                border[p] = True
+                border[q] = True
+            self._border = border.reshape(self.shape)
+        return self._border
 
 
-def _voronoi_edges(cells: np.ndarray, pts: np.ndarray, connectivity: int = 1) -> np.ndarray:
-    """Pixels on the Voronoi edges.
-
-    For every pair of neighbouring pixels (p, q) in different cells (a, b) the pixel closer to the bisector of
-    a and b is marked (both on a tie). The distance of p to that bisector is (|p−b|² − |p−a|²) / (2|a−b|), so the
-    edge sits exactly midway between the points and separates the cells (no neighbouring pair of non-edge pixels
-    belongs to two cells)."""
-    edges = np.zeros(cells.shape, dtype=bool)
-    if len(pts) < 2:
-        return edges
-    h, w = cells.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    pf = pts.astype(np.float64)
-    for dy, dx in _neighbour_pairs(connectivity):
-        cp, cq, sp, sq = _shifted(cells, dy, dx)
-        diff = cp != cq
-        if not diff.any():
-            continue
-        a, b = cp[diff], cq[diff]
-        py, px = yy[sp][diff], xx[sp][diff]
-        qy, qx = py + dy, px + dx
-        ab = np.sqrt(((pf[a] - pf[b]) ** 2).sum(1))
-        ab = np.maximum(ab, 1e-12)
-
-        def sq_d(y, x, k):
-            return (y - pf[k, 0]) ** 2 + (x - pf[k, 1]) ** 2
-
-        dp = (sq_d(py, px, b) - sq_d(py, px, a)) / (2 * ab)  # >= 0: p is in a's cell
-        dq = (sq_d(qy, qx, a) - sq_d(qy, qx, b)) / (2 * ab)
-        mark_p = dp <= dq + 1e-9
-        mark_q = dq <= dp + 1e-9
-        edges[py[mark_p], px[mark_p]] = True
-        edges[qy[mark_q], qx[mark_q]] = True
-    return edges
+def _geometry(pts, shape, given) -> _Geometry:
+    if isinstance(given, _Geometry):
+        return given
+    if given is not None:  # (cells, dist) as returned by voronoi_cells
+        return _Geometry(pts, shape, *given)
+    return _Geometry(pts, shape)
 
 
 def voronoi_labels(points, shape, *, point_radius: float = 2.0, connectivity: int = 1, _cells=None):
@@ -160,77 +230,52 @@ def voronoi_labels(points, shape, *, point_radius: float = 2.0, connectivity: in
     out = np.full(shape, IGNORE, np.uint8)
     if len(pts) == 0:
         return out
-    cells, dist = _cells if _cells is not None else voronoi_cells(pts, shape)
-    edges = _voronoi_edges(cells, pts, connectivity)
-    out[dist <= point_radius] = 1
-    out[edges] = 0
+    geo = _geometry(pts, shape, _cells)
+    out[geo.within(point_radius)] = 1
+    out[geo.edges(connectivity)] = 0
     out[pts[:, 0], pts[:, 1]] = 1
     return out
 
 
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: int, max_iter: int, max_fit: int):
-    """Lloyd's k-means with k-means++ seeding, vectorised; fitted on at most ``max_fit`` rows of ``x``."""
-    fit = x if len(x) <= max_fit else x[rng.choice(len(x), max_fit, replace=False)]
-    fit_sq = (fit * fit).sum(1)
+def _kmeans(fit: np.ndarray, k: int, rng: np.random.Generator, n_init: int, max_iter: int) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding on the rows of ``fit`` (vectorised, best of ``n_init`` by inertia);
+    an iteration stops when no assignment changes. Returns the (k, D) centres."""
+    fit = np.asarray(fit, np.float64)
+    m, n_feat = fit.shape
+    fit_t = np.ascontiguousarray(fit.T)
+    fit_sq = np.einsum("ij,ij->i", fit, fit)
+
+    def part(c):  # |x − c|² − |x|² for every row x and centre c: (m, len(c))
+        return fit @ (-2.0 * c.T) + np.einsum("ij,ij->i", c, c)[None]
+
     best, best_inertia = None, np.inf
     for _ in range(n_init):
-        centers = [fit[rng.integers(len(fit))]]
-        d2 = ((fit - centers[0]) ** 2).sum(1)
-        for _ in range(1, k):
-            p = d2 / d2.sum() if d2.sum() > 0 else None
-            centers.append(fit[rng.choice(len(fit), p=p)])
-            d2 = np.minimum(d2, ((fit - centers[-1]) ** 2).sum(1))
-        c = np.stack(centers)
+        c = np.empty((k, n_feat))
+        c[0] = fit[rng.integers(m)]
+        d2 = np.maximum(fit_sq + part(c[:1])[:, 0], 0)
+        for j in range(1, k):
+            s = d2.sum()
+            c[j] = fit[rng.choice(m, p=d2 / s) if s > 0 else rng.integers(m)]
+            np.minimum(d2, np.maximum(fit_sq + part(c[j:j + 1])[:, 0], 0), out=d2)
+        assign = None
         for _ in range(max_iter):
-            d = fit_sq[:, None] - 2 * fit @ c.T + (c * c).sum(1)[None]
-            assign = d.argmin(1)
-            counts = np.bincount(assign, minlength=k)
-            sums = np.stack([np.bincount(assign, fit[:, j], minlength=k) for j in range(fit.shape[1])], 1)
-            new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], c)
-            shift = np.abs(new - c).max()
-            c = new
-            if shift < 1e-4:
+            new_assign = part(c).argmin(1)
+            if assign is not None and np.array_equal(new_assign, assign):
                 break
-        d = fit_sq[:, None] - 2 * fit @ c.T + (c * c).sum(1)[None]
-        inertia = d.min(1).sum()
+            assign = new_assign
+            counts = np.bincount(assign, minlength=k)
+            sums = np.stack([np.bincount(assign, fit_t[j], minlength=k) for j in range(n_feat)], 1)
+            c = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], c)
+        inertia = float(part(c).min(1).sum())  # + Σ|x|², the same for every init
         if inertia < best_inertia:
             best, best_inertia = c, inertia
     return best
 
 
-def _remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    if min_size <= 1 or not mask.any():
-        return mask
-    lab, n = ndi.label(mask)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    keep = sizes >= min_size
-    keep[0] = False
-    return keep[lab]
-
-
-def _dilate_in_cells(mask, cells, r):
-    """Dilation by a disk of radius r that never crosses into another Voronoi cell: a pixel joins when its
-    nearest mask pixel is within r *and* in the same cell (a nearer mask pixel of a neighbouring cell can hide a
-    farther one of its own cell; that only makes the label more conservative near cell edges)."""
-    if r <= 0 or not mask.any():
-        return mask
-    d, (iy, ix) = ndi.distance_transform_edt(~mask, return_indices=True)
-    return (d <= r) & (cells[iy, ix] == cells)
-
-
-def _erode_in_cells(mask, cell_border, r):
-    """Erosion by a disk of radius r inside cells: pixels of other cells count as outside. Removing the cell
-    border pixels first makes the erosion at most one pixel stronger near edges than per-cell erosion."""
-    if r <= 0 or not mask.any():
-        return mask
-    inner = mask & ~cell_border
-    return ndi.distance_transform_edt(inner) > r
-
-
 def cluster_labels(image, points, *, n_clusters: int = 3, color_scale: float = 0.1, dist_clip: float = 20.0,
                    point_overlap_radius: float = 5.0, min_object_size: int = 30, dilate_radius: float = 5.0,
                    erode_radius: float = 7.0, fill_holes: bool = True, bg_point_margin: float = 10.0,
-                   cleanup: bool = True, partial: bool = False, scale: float = 1.0, max_fit_pixels: int = 65536,
+                   cleanup: bool = True, partial: bool = False, scale: float = 1.0, max_fit_pixels: int = 8192,
                    n_init: int = 3, max_iter: int = 50, seed: int = 0, _cells=None):
     """Cluster label of Qu et al.: uint8 (H, W), 0 background, 1 nucleus, 255 unknown.
 
@@ -248,8 +293,9 @@ def cluster_labels(image, points, *, n_clusters: int = 3, color_scale: float = 0
             0.4 for nuclei of radius 3–4 px.
         partial: only part of the nuclei carry a point — pixels whose colour alone is nearer the nucleus
             centre than the background centre are never background.
-        max_fit_pixels, n_init, max_iter, seed: k-means is fitted on a random subsample of this many pixels
-            (the three centres are stable long before), then every pixel is assigned.
+        max_fit_pixels, n_init, max_iter, seed: k-means is fitted on a random subsample (with a fixed seed) of
+            this many pixels (three centres in four dimensions are stable long before), then every pixel is
+            assigned to its nearest centre.
 
     Example:
         >>> img = np.zeros((40, 40), np.uint8); img[8:16, 8:16] = 200; img[25:33, 25:33] = 200
@@ -274,51 +320,72 @@ def cluster_labels(image, points, *, n_clusters: int = 3, color_scale: float = 0
     dist_clip, point_overlap_radius, dilate_radius = dist_clip * scale, point_overlap_radius * scale, dilate_radius * scale
     erode_radius, bg_point_margin = erode_radius * scale, bg_point_margin * scale
     min_object_size = int(round(min_object_size * scale ** 2))
-    cells, dist = _cells if _cells is not None else voronoi_cells(pts, shape)
-    colour = img.reshape(-1, 1 if img.ndim == 2 else img.shape[2]).astype(np.float32) * color_scale
-    feat = np.concatenate([colour, np.minimum(dist, dist_clip).reshape(-1, 1).astype(np.float32)], 1)
+    geo = _geometry(pts, shape, _cells)
+
+    # features: [colour · color_scale, min(dist, dist_clip)]; k-means on a subsample, then every pixel
+    n_pix = shape[0] * shape[1]
+    n_ch = 1 if img.ndim == 2 else img.shape[2]
+    colour = img.reshape(n_pix, n_ch)
+    d2flat = geo.dist2.reshape(-1)
+    clip2 = dist_clip * dist_clip  # min(dist, clip) = sqrt(min(dist², clip²))
     rng = np.random.default_rng(seed)
-    centers = _kmeans(feat, n_clusters, rng, n_init, max_iter, max_fit_pixels)
-    d = (feat * feat).sum(1)[:, None] - 2 * feat @ centers.T + (centers * centers).sum(1)[None]
-    assign = d.argmin(1).reshape(shape)
+    sub = slice(None) if n_pix <= max_fit_pixels else rng.choice(n_pix, max_fit_pixels, replace=False)
+    fit = np.concatenate([colour[sub] * color_scale, np.sqrt(np.minimum(d2flat[sub], clip2))[:, None]], 1)
+    centers = _kmeans(fit, n_clusters, rng, n_init, max_iter)
+    # nearest centre = largest f·c − |c|²/2; relative to centre 0 that is one (k − 1, C + 1) × (C + 1, HW)
+    # product in float32 and k − 1 comparisons (ties go to the lower index, as argmin)
+    feats = np.empty((n_ch + 1, n_pix), np.float32)
+    feats[:n_ch] = colour.T
+    np.minimum(d2flat, clip2, out=feats[n_ch], casting="same_kind")
+    np.sqrt(feats[n_ch], out=feats[n_ch])
+    weights = np.concatenate([centers[:, :n_ch] * color_scale, centers[:, n_ch:]], 1)
+    bias = -0.5 * (centers * centers).sum(1)
+    rel = (weights[1:] - weights[0]).astype(np.float32) @ feats
+    rel += (bias[1:] - bias[0]).astype(np.float32)[:, None]
+    assign = np.zeros(n_pix, np.uint8)
+    top = None  # best score so far, relative to centre 0
+    for j in range(1, n_clusters):
+        r = rel[j - 1]
+        better = r > 0 if top is None else r > top
+        assign[better] = j
+        if j < n_clusters - 1:
+            top = np.maximum(r, 0) if top is None else np.maximum(top, r, out=top)
+    assign = assign.reshape(shape)
 
     at_points = np.bincount(assign[pts[:, 0], pts[:, 1]], minlength=n_clusters)
     nucleus = int(at_points.argmax())
-    near = dist <= point_overlap_radius
-    overlap = np.bincount(assign[near], minlength=n_clusters).astype(np.float64)
+    overlap = np.bincount(assign[geo.within(point_overlap_radius)], minlength=n_clusters).astype(np.float64)
     overlap[nucleus] = np.inf
-    background = int(overlap.argmin())
+    # least overlap; on a tie (e.g. every pixel near a point is nucleus) the cluster farther from the points
+    candidates = np.flatnonzero(overlap == overlap.min())
+    background = int(candidates[np.argmax(centers[candidates, n_ch])])
     fg = assign == nucleus
     bg = assign == background
 
     if cleanup:
-        edges = _voronoi_edges(cells, pts, 1)
+        edges = geo.edges(1)
         fg = _remove_small(fg, min_object_size)
-        fg = _dilate_in_cells(fg, cells, dilate_radius)
+        fg = _dilate_in_cells(fg, geo.cells, dilate_radius, pts)
         if fill_holes:
-            fg = ndi.binary_fill_holes(fg & ~edges)
-        border = np.zeros(shape, bool)
-        for dy, dx in _neighbour_pairs(1):
-            cp, cq, sp, sq = _shifted(cells, dy, dx)
-            diff = cp != cq
-            border[sp] |= diff
-            border[sq] |= diff
-        fg = _erode_in_cells(fg, border, erode_radius) & ~edges
-        bg &= dist > bg_point_margin
+            fg = _fill_holes(fg & ~edges)
+        fg = _erode_in_cells(fg, geo.border(), erode_radius) & ~edges
+        bg &= ~geo.within(bg_point_margin)
     if partial:
-        cc = centers[:, :-1]
-        cd = ((colour[:, None, :] - cc[None]) ** 2).sum(-1).reshape(*shape, n_clusters)
-        bg &= cd[..., background] < cd[..., nucleus]
+        # |x − c_bg|² < |x − c_nuc|²  ⇔  2 x·(c_nuc − c_bg) < |c_nuc|² − |c_bg|²  (colour part only)
+        cn, cb = centers[nucleus, :n_ch], centers[background, :n_ch]  # in feature units (colour · color_scale)
+        lhs = (2 * color_scale * (cn - cb)).astype(np.float32) @ feats[:n_ch]  # feats hold the raw colour
+        bg &= (lhs < np.float32(cn @ cn - cb @ cb)).reshape(shape)
     out[bg] = 0
     out[fg] = 1
     return out
 
 
 def point_labels(image, points, **cluster_kwargs):
-    """Both labels at once, sharing one distance transform: ``(voronoi, cluster)``, each uint8 (H, W)."""
+    """Both labels at once, sharing one distance transform and the Voronoi edges: ``(voronoi, cluster)``, each
+    uint8 (H, W)."""
     img = _as_numpy(image)
-    shape = img.shape[:2]
+    shape = _check_shape(img.shape[:2])
     pts = _check_points(points, shape)
-    cells = voronoi_cells(pts, shape)
-    return (voronoi_labels(pts, shape, _cells=cells),
-            cluster_labels(img, pts, _cells=cells, **cluster_kwargs))
+    geo = _Geometry(pts, shape) if len(pts) else None
+    return (voronoi_labels(pts, shape, _cells=geo),
+            cluster_labels(img, pts, _cells=geo, **cluster_kwargs))
