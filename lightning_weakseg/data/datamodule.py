@@ -59,6 +59,8 @@ class WeakSegDataModule(L.LightningDataModule):
     Args:
         source: ``"synthetic"`` (built-in, the default) or ``"folder"``.
         synthetic_kind, n_samples: the synthetic set (``"organ"`` multi-class or ``"nuclei"``) and its size.
+        class_presence: synthetic organ set: probability that each structure is in an image (1.0: always; lower
+            it for image-level tags that vary).
         root, image_dir, mask_dir, instance_dir, scribble_dir, boxes_json, mask_map, color_mode: folder layout
             (see :class:`~lightning_weakseg.data.folder.FolderDataset`).
         group_regex: regex whose first group names the split group of a file stem (e.g. ``"^(patient\\d+)"``).
@@ -82,7 +84,8 @@ class WeakSegDataModule(L.LightningDataModule):
                  train_labels: Sequence[str] = ("mask",), label_fractions: dict[str, float] | None = None,
                  weakify: dict | None = None, augment: str = "default", batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.0, max_train_samples: int | None = None,
-                 eval_batch_size: int | None = None, shuffle: bool = True, seed: int = 0):
+                 eval_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
+                 class_presence: float = 1.0):
         super().__init__()
         if source not in ("synthetic", "folder"):
             raise ValueError(f"source must be 'synthetic' or 'folder', got {source!r}")
@@ -105,7 +108,7 @@ class WeakSegDataModule(L.LightningDataModule):
         common = dict(num_classes=self.num_classes, in_channels=self.in_channels, image_size=h.image_size,
                       weakify=h.weakify, seed=h.seed)
         if h.source == "synthetic":
-            ds = SyntheticDataset(h.synthetic_kind, n=h.n_samples, **common)
+            ds = SyntheticDataset(h.synthetic_kind, n=h.n_samples, class_presence=h.class_presence, **common)
             groups = [str(i) for i in range(len(ds))]
         else:
             ds = FolderDataset(h.root, image_dir=h.image_dir, mask_dir=h.mask_dir, instance_dir=h.instance_dir,

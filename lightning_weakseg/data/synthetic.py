@@ -71,7 +71,10 @@ def make_nuclei(rng: np.random.Generator, size: int):
     return image, fg.astype(np.uint8), instances
 
 
-def make_organ(rng: np.random.Generator, size: int):
+def make_organ(rng: np.random.Generator, size: int, present: tuple[bool, bool, bool] = (True, True, True)):
+    """``present``: whether the organ (1), the lesion (2) and the round structure (3) are drawn; the shapes are
+    sampled either way (the same random stream), absent ones are left out of mask and image. No organ, no
+    lesion."""
     s = size
     mask = np.zeros((s, s), np.uint8)
     organ = _blob(rng, s * rng.uniform(0.4, 0.6), s * rng.uniform(0.35, 0.6), s * rng.uniform(0.2, 0.28), s,
@@ -87,6 +90,11 @@ def make_organ(rng: np.random.Generator, size: int):
         if not (struct & (mask > 0)).any():
             mask[struct] = 3
             break
+    keep_organ = present[0]
+    for c, on in zip((1, 2, 3), (keep_organ, present[1] and keep_organ, present[2])):
+        if not on:
+            mask[mask == c] = 0 if c != 2 or not keep_organ else 1
+    organ = organ & keep_organ
     texture = _smooth_noise(rng, s, s / 48)
     patches = _smooth_noise(rng, s, s / 10)
     body = _blob(rng, s / 2, s / 2, s * 0.46, s, wobble=0.1)
@@ -107,15 +115,21 @@ def make_organ(rng: np.random.Generator, size: int):
 class SyntheticDataset(WeakSegDataset):
     """``SyntheticDataset("organ", n=200, image_size=64)`` — see the module docstring.
 
+    ``class_presence`` (organ only): each of the three structures is drawn with this probability, so that
+    image-level tags vary between images (with the default 1.0 every image holds every class).
+
     ``in_channels`` may differ from the kind's natural channel count: grayscale is replicated, RGB averaged.
     Other keyword arguments go to :class:`~lightning_weakseg.data.dataset.WeakSegDataset`.
     """
 
     def __init__(self, kind: str = "organ", n: int = 200, image_size: int = 64, seed: int = 0,
-                 in_channels: int | None = None, **kwargs):
+                 in_channels: int | None = None, class_presence: float = 1.0, **kwargs):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        if not 0.0 <= class_presence <= 1.0:
+            raise ValueError(f"class_presence must be in [0, 1], got {class_presence}")
         self.kind, self.n, self.seed = kind, int(n), int(seed)
+        self.class_presence = float(class_presence)
         in_channels = in_channels or KINDS[kind]["in_channels"]
         kwargs.setdefault("num_classes", KINDS[kind]["num_classes"])
         super().__init__(in_channels=in_channels, image_size=image_size, seed=seed, **kwargs)
@@ -128,8 +142,12 @@ class SyntheticDataset(WeakSegDataset):
 
     def load_raw(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, int(i), 7])
-        make = make_nuclei if self.kind == "nuclei" else make_organ
-        image, mask, instances = make(rng, self.image_size)
+        if self.kind == "nuclei":
+            image, mask, instances = make_nuclei(rng, self.image_size)
+        else:
+            # presence draws come from their own stream: class_presence=1 gives the very same images as before
+            present = tuple(np.random.default_rng([self.seed, int(i), 11]).random(3) < self.class_presence)
+            image, mask, instances = make_organ(rng, self.image_size, present)
         if image.shape[2] != self.in_channels:
             image = (np.repeat(image, self.in_channels, 2) if image.shape[2] == 1
                      else image.mean(2, keepdims=True).repeat(self.in_channels, 2))
