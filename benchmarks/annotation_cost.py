@@ -184,12 +184,17 @@ def main(argv=None) -> list[dict[str, Any]]:
     p.add_argument("--unit-seconds", default=None, help='JSON overrides of the unit times, e.g. \'{"box": 34.5}\'')
     p.add_argument("--objects", default=None, help='JSON objects per image by data set, e.g. \'{"acdc": 3}\'')
     p.add_argument("--title", default=None)
+    p.add_argument("--regimes", default=None, help="comma-separated regimes to plot (default: every row; e.g. leave "
+                   "out tuning variants)")
     a = p.parse_args(argv)
     units = json.loads(a.unit_seconds) if a.unit_seconds else None
     unknown = set(units or {}) - set(UNIT_SECONDS)
     if unknown:
         p.error(f"unknown units {sorted(unknown)}; known: {sorted(UNIT_SECONDS)}")
     rows = load_rows(a.results, a.dataset)
+    if a.regimes:
+        keep = {r.strip() for r in a.regimes.split(",")}
+        rows = [r for r in rows if r["regime"] in keep]
     if not rows:
         p.error(f"no rows{' for data set ' + a.dataset if a.dataset else ''} in {a.results}")
     table = cost_table(rows, _registry(), units, json.loads(a.objects) if a.objects else None)

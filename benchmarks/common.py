@@ -230,6 +230,10 @@ REGIMES["pce_crf_entropy"] = Regime(_SCRIBBLE, ("scribble",),
 REGIMES["mask10_boxes90"] = Regime(_MIXED, ("mask", "boxes"), label_fractions={"mask": 0.1, "boxes": 0.9},
                                    callbacks=_BARRIER)
 REGIMES["mask10_tags90"] = Regime(_MIXED, ("mask", "tags"), label_fractions={"mask": 0.1, "tags": 0.9})
+# ACDC tags are nearly all-ones (most slices hold RV, Myo and LV): smooth MIL pooling (LSE) on 90 % of the images
+# then floods every class; max pooling only touches each class's most confident pixel
+REGIMES["mask10_tags90_max"] = Regime(_MIXED, ("mask", "tags"), label_fractions={"mask": 0.1, "tags": 0.9},
+                                      model_kwargs={"tag_mil": "max"})
 REGIMES["all_points"] = Regime(_MIXED, ("points",), instances=True)
 REGIMES["all_boxes"] = Regime(_MIXED, ("boxes",), callbacks=_BARRIER)
 
@@ -262,6 +266,8 @@ REGIMES["boxes_w3_s70"] = Regime(_BOX, ("boxes",), model_kwargs={"box_size_bound
 # each pixel ~5x less than the emptiness CE pulls the pixels outside; weight 10 (or a faster-growing t) evens it
 REGIMES["boxes_x10"] = Regime(_BOX, ("boxes",), model_kwargs={"loss_weights": {"box/tightness": 10.0, "box/size": 10.0}},
                               callbacks=_BARRIER)
+REGIMES["boxes_x03"] = Regime(_BOX, ("boxes",), model_kwargs={"loss_weights": {"box/tightness": 0.3, "box/size": 0.3}},
+                              callbacks=_BARRIER)
 REGIMES["boxes_mu13"] = Regime(_BOX, ("boxes",), callbacks=[("lightning_weakseg.callbacks:LogBarrierSchedule",
                                                              {"mu": 1.3})])
 REGIMES["boxes_x10_s60"] = Regime(_BOX, ("boxes",), model_kwargs={"loss_weights": {"box/tightness": 10.0,
@@ -282,3 +288,8 @@ REGIMES["coteaching_sample"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORG
 REGIMES["coteaching_plus_bal"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
                                         model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
                                                       "coteach_plus": True})
+# co-teaching+ from epoch 0 collapsed (the two random networks soon agree on "background" everywhere, so no
+# foreground pixel stays a candidate); the authors start the disagreement rule after a warm-up
+REGIMES["coteaching_plus_bal_w5"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
+                                           model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
+                                                         "coteach_plus": True, "plus_start_epoch": 5})
