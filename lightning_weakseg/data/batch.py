@@ -91,17 +91,27 @@ def _check_tags(t: torch.Tensor, num_classes: int, name) -> None:
         raise WeakSegDataError("expected a multi-hot vector of 0/1", name, "tags")
 
 
-def _check_boxes(b: torch.Tensor, h: int, w: int, num_classes: int, name) -> None:
-    if b.numel() == 0:
-        return  # an empty list of boxes: the image holds no object
-    b = b.double()
-    if b.ndim != 2 or b.shape[1] != 5:
-        raise WeakSegDataError(f"expected shape (N,5) [class,x0,y0,x1,y1], got {tuple(b.shape)}", name, "boxes")
-    if not torch.isfinite(b).all():
-        raise WeakSegDataError("NaN or infinite coordinates", name, "boxes")
-    cls = b[:, 0]
+def _check_rows(t: torch.Tensor, layout: str, num_classes: int, name, field: str) -> torch.Tensor | None:
+    """Shared checks of box / point tables: shape (N, len(layout)), finite, integer class ids in [0, K).
+    Returns the table in float64, or None for an empty table (no objects / no clicks)."""
+    if t.numel() == 0:
+        return None
+    t = t.double()
+    width = len(layout.split(","))
+    if t.ndim != 2 or t.shape[1] != width:
+        raise WeakSegDataError(f"expected shape (N,{width}) [{layout}], got {tuple(t.shape)}", name, field)
+    if not torch.isfinite(t).all():
+        raise WeakSegDataError("NaN or infinite coordinates", name, field)
+    cls = t[:, 0]
     if ((cls < 0) | (cls >= num_classes) | (cls != cls.round())).any():
-        raise WeakSegDataError(f"class ids must be integers in [0, {num_classes}), got {cls.tolist()}", name, "boxes")
+        raise WeakSegDataError(f"class ids must be integers in [0, {num_classes}), got {cls.tolist()}", name, field)
+    return t
+
+
+def _check_boxes(b: torch.Tensor, h: int, w: int, num_classes: int, name) -> None:
+    b = _check_rows(b, "class,x0,y0,x1,y1", num_classes, name, "boxes")
+    if b is None:
+        return  # an empty list of boxes: the image holds no object
     x0, y0, x1, y1 = b[:, 1], b[:, 2], b[:, 3], b[:, 4]
     if ((x1 <= x0) | (y1 <= y0)).any():
         i = int(torch.nonzero((x1 <= x0) | (y1 <= y0))[0])
@@ -114,16 +124,9 @@ def _check_boxes(b: torch.Tensor, h: int, w: int, num_classes: int, name) -> Non
 
 
 def _check_points(p: torch.Tensor, h: int, w: int, num_classes: int, name) -> None:
-    if p.numel() == 0:
+    p = _check_rows(p, "class,y,x", num_classes, name, "points")
+    if p is None:
         return  # no clicks on this image
-    p = p.double()
-    if p.ndim != 2 or p.shape[1] != 3:
-        raise WeakSegDataError(f"expected shape (M,3) [class,y,x], got {tuple(p.shape)}", name, "points")
-    if not torch.isfinite(p).all():
-        raise WeakSegDataError("NaN or infinite coordinates", name, "points")
-    cls = p[:, 0]
-    if ((cls < 0) | (cls >= num_classes) | (cls != cls.round())).any():
-        raise WeakSegDataError(f"class ids must be integers in [0, {num_classes})", name, "points")
     outside = (p[:, 1] < 0) | (p[:, 1] > h - 1) | (p[:, 2] < 0) | (p[:, 2] > w - 1)
     if outside.any():
         i = int(torch.nonzero(outside)[0])
