@@ -24,7 +24,8 @@ from common import DATASETS, REGIMES, run_one, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # settings that must be equal for rows to share one table (one "full" row as the reference)
-SAME = ("dataset", "epochs", "image_size", "max_train", "batch_size", "lr", "arch", "encoder", "noise", "seed")
+SAME = ("dataset", "epochs", "image_size", "max_train", "batch_size", "lr", "arch", "encoder", "noise", "seed", "tiles")
+DEFAULTS = {"tiles": 1}  # settings added later: a result file without them was made with this value
 
 
 def main(argv=None):
@@ -41,6 +42,8 @@ def main(argv=None):
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--noise", type=float, default=None, help="noise rate of the simulated noisy masks")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiles", type=int, default=1, help="cut each image (resized to tiles x image-size) into "
+                   "tiles x tiles samples of image-size (Kvasir: tiles with and without polyp, for tags)")
     p.add_argument("--tag", default=None, help="result file name (default: <dataset>_<regimes>)")
     p.add_argument("--log-dir", default=None, help="CSV logs per run (optional)")
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (the final score is always "
@@ -70,7 +73,8 @@ def main(argv=None):
     for name in names:
         row = run_one(a.data, a.dataset, name, REGIMES[name], epochs=a.epochs, image_size=a.image_size,
                       max_train=a.max_train, batch_size=a.batch_size, seed=a.seed, arch=a.arch,
-                      encoder=a.encoder, lr=a.lr, noise=a.noise, log_dir=a.log_dir, val_every=a.val_every)
+                      encoder=a.encoder, lr=a.lr, noise=a.noise, log_dir=a.log_dir, val_every=a.val_every,
+                      tiles=a.tiles)
         row["command"] = payload["command"]
         if a.append:
             payload = merge_row(path, payload, row)
@@ -89,7 +93,8 @@ def merge_row(path: Path, payload: dict, row: dict) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             old = json.loads(path.read_text())
-            if any(old["settings"].get(k) != payload["settings"].get(k) for k in SAME):
+            if any(old["settings"].get(k, DEFAULTS.get(k)) != payload["settings"].get(k, DEFAULTS.get(k))
+                   for k in SAME):
                 raise SystemExit(f"--append: {path} was made with other settings {old.get('settings')}; "
                                  f"ours are {payload['settings']}")
             payload = {**old, "rows": [r for r in old["rows"] if r["regime"] != row["regime"]]}

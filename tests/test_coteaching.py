@@ -110,6 +110,37 @@ def test_coteaching_plus_selects_among_disagreements():
     assert abs(int(res["select_a"].sum()) - 0.6 * int(disagree.sum())) <= 0.5
 
 
+def test_coteaching_plus_falls_back_per_class_when_networks_agree():
+    # class 1 (the rare one): the networks agree on all but one of its 40 labelled pixels (1/40 < 0.1), so
+    # class 1 falls back to plain co-teaching; class 0 has plenty of disagreement and keeps the plus rule
+    g = torch.Generator().manual_seed(5)
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[0, 2:6, 2:12] = 1  # 40 pixels of class 1
+    la = torch.randn(2, 2, 16, 16, generator=g)
+    lb = la.clone()
+    flip = torch.rand(2, 16, 16, generator=g) < 0.5
+    flip &= target == 0
+    lb[:, 0][flip], lb[:, 1][flip] = la[:, 1][flip], la[:, 0][flip]  # swapped scores: argmax differs when unequal
+    lb[0, :, 2, 2] = lb[0, :, 2, 2].flip(0)  # one disagreement pixel inside class 1
+    disagree = la.argmax(1) != lb.argmax(1)
+    assert int((disagree & (target == 1)).sum()) == 1 and int((disagree & (target == 0)).sum()) > 100
+    ce_a = torch.nn.functional.cross_entropy(la, target, reduction="none")
+    res = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, balance=True, min_disagreement=0.1)
+    expected = (disagree & (target == 0)) | (target == 1)
+    assert torch.equal(res["candidates"], expected)
+    for c, cand in ((0, disagree & (target == 0)), (1, target == 1)):
+        assert torch.equal(res["select_a"] & (target == c), brute_force(ce_a, cand, 0.5))
+    # the paper's rule (0): class 1 keeps only its single disagreement pixel as a candidate
+    res0 = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, balance=True)
+    assert int((res0["candidates"] & (target == 1)).sum()) == 1
+    # without balance the whole labelled set is one group: 0.5 of it disagrees → no fallback at 0.1 ...
+    res_u = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, min_disagreement=0.1)
+    assert torch.equal(res_u["candidates"], disagree)
+    # ... and a fallback at 0.9
+    res_f = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, min_disagreement=0.9)
+    assert torch.equal(res_f["candidates"], torch.ones_like(disagree))
+
+
 # ----------------------------------------------------------------------------- the mixin
 TINY = {"encoder_depth": 3, "decoder_channels": (16, 8, 4)}
 

@@ -4,9 +4,10 @@ from .dataset import WeakSegDataset
 from .datamodule import WeakSegDataModule, assign_labels, group_split
 from .folder import FolderDataset
 from .synthetic import SyntheticDataset
+from .tiles import TiledDataset
 from . import weakify
 from ..errors import WeakSegDataError
 
 __all__ = ["IGNORE_INDEX", "LABEL_KEYS", "MASK_KEYS", "collate", "validate_batch", "validate_sample",
            "WeakSegDataset", "WeakSegDataModule", "assign_labels", "group_split", "FolderDataset",
-           "SyntheticDataset", "weakify", "WeakSegDataError"]
+           "SyntheticDataset", "TiledDataset", "weakify", "WeakSegDataError"]

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .batch import LABEL_KEYS, collate
 from .folder import FolderDataset
+from .tiles import TiledDataset
 from .sampling import EpochSampler, PadFlagged, PaddedEvalSampler, ResumableDataLoader
 from .synthetic import KINDS, SyntheticDataset
 
@@ -66,6 +67,9 @@ class WeakSegDataModule(L.LightningDataModule):
         group_regex: regex whose first group names the split group of a file stem (e.g. ``"^(patient\\d+)"``).
         num_classes, in_channels: ``None`` takes the synthetic kind's values; required for folders.
         image_size: base view size (every image is resized to it first).
+        tiles: ``g > 1`` resizes every image to ``g·image_size`` and cuts it into ``g × g`` tiles of
+            ``image_size``, each a sample with its own weak labels (e.g. tags that vary on Kvasir, where every
+            image holds a polyp); the tiles of one image stay in one split (:class:`~.tiles.TiledDataset`).
         train_labels: label keys the training split carries (weak labels derived from masks if absent).
         label_fractions: mixed supervision, e.g. ``{"mask": 0.1, "boxes": 0.3, "tags": 0.6}`` (overrides
             ``train_labels``).
@@ -85,8 +89,10 @@ class WeakSegDataModule(L.LightningDataModule):
                  weakify: dict | None = None, augment: str = "default", batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.0, max_train_samples: int | None = None,
                  eval_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
-                 class_presence: float = 1.0):
+                 class_presence: float = 1.0, tiles: int = 1):
         super().__init__()
+        if int(tiles) != tiles or tiles < 1:
+            raise ValueError(f"tiles must be a positive integer, got {tiles!r}")
         if source not in ("synthetic", "folder"):
             raise ValueError(f"source must be 'synthetic' or 'folder', got {source!r}")
         if source == "folder":
@@ -105,7 +111,8 @@ class WeakSegDataModule(L.LightningDataModule):
 
     def _full(self):
         h = self.hparams
-        common = dict(num_classes=self.num_classes, in_channels=self.in_channels, image_size=h.image_size,
+        grid = int(h.get("tiles", 1))
+        common = dict(num_classes=self.num_classes, in_channels=self.in_channels, image_size=h.image_size * grid,
                       weakify=h.weakify, seed=h.seed)
         if h.source == "synthetic":
             ds = SyntheticDataset(h.synthetic_kind, n=h.n_samples, class_presence=h.class_presence, **common)
@@ -115,6 +122,9 @@ class WeakSegDataModule(L.LightningDataModule):
                                scribble_dir=h.scribble_dir, boxes_json=h.boxes_json, mask_map=h.mask_map,
                                color_mode=h.color_mode, **common)
             groups = ds.groups(h.group_regex)
+        if grid > 1:
+            ds = TiledDataset(ds, grid, **{**common, "image_size": h.image_size})
+            groups = [g for g in groups for _ in range(grid * grid)]
         return ds, groups
 
     def setup(self, stage: str | None = None) -> None:

@@ -230,7 +230,8 @@ def coteaching_pair_loss(losses_a: Tensor, losses_b: Tensor, keep_ratio: float, 
 
 def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: Tensor | None, keep_ratio: float,
                       *, selection: str = "pixel", disagreement: bool = False, ignore_index: int = 255,
-                      group=None, method: str = "radix", balance: bool = False) -> dict[str, Tensor]:
+                      group=None, method: str = "radix", balance: bool = False,
+                      min_disagreement: float = 0.0) -> dict[str, Tensor]:
     r"""Co-teaching (or co-teaching+) losses of two segmentation networks on a noisy mask.
 
     Per-pixel cross-entropy :math:`\ell_{n,i} = -\log p^{(n)}_{i,y_i}` on the labelled pixels
@@ -240,6 +241,13 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     differ count (per sample: the loss is the mean over its disagreement pixels, images without any are
     not candidates). Then :func:`coteaching_pair_loss` keeps R of the candidates for each network and
     trains its peer on them.
+
+    ``min_disagreement`` (co-teaching+ only): a candidate group (a class with ``balance``, else all labelled
+    pixels; images for sample selection) whose disagreement items are fewer than this fraction of its
+    labelled items, counted over all ranks, falls back to plain co-teaching (all its labelled items are
+    candidates). In segmentation the two networks soon agree on almost every pixel of the rare class; with
+    disagreement-only candidates that class then gets no gradient and both networks drift to "background"
+    everywhere (an absorbing state: agreement on the wrong class is never corrected). 0 = the paper's rule.
 
     ``balance=True`` (pixel selection only) keeps R of the candidates *of each noisy-label class* instead of R
     of all candidates. Without it the small-loss rule favours the majority class: in a polyp or organ image the
@@ -267,19 +275,37 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     safe = torch.where(labelled, target, torch.zeros_like(target)).long()
     ce_a = F.cross_entropy(logits_a.float(), safe, reduction="none")
     ce_b = F.cross_entropy(logits_b.float(), safe, reduction="none")
+    if not 0.0 <= float(min_disagreement) <= 1.0:
+        raise ValueError(f"coteaching_losses: expected min_disagreement in [0, 1], got {min_disagreement}")
     region = labelled
+    disagree = None
     if disagreement:
-        region = region & (logits_a.detach().argmax(1) != logits_b.detach().argmax(1))
+        disagree = logits_a.detach().argmax(1) != logits_b.detach().argmax(1)
+        region = region & disagree
+    fallback = disagreement and float(min_disagreement) > 0.0
+
+    def _enough(dis: Tensor, lab: Tensor) -> bool:  # global counts: every rank takes the same branch
+        counts, _ = _global_sum(torch.stack([dis.sum(), lab.sum()]).long(), group)
+        return bool(counts[0] >= float(min_disagreement) * counts[1])
+
     if selection == "pixel" and balance:
         select_a, select_b = torch.zeros_like(region), torch.zeros_like(region)
         for c in range(k):  # a loop over classes (K collectives under DDP, the same K on every rank)
             rc = region & (safe == c)
+            if fallback and not _enough(rc, labelled & (safe == c)):
+                rc = labelled & (safe == c)
+                region = region | rc
             select_a |= small_loss_selection(ce_a.detach(), keep_ratio, rc, group, method=method)
             select_b |= small_loss_selection(ce_b.detach(), keep_ratio, rc, group, method=method)
         return {"loss_a": masked_mean(ce_a, select_b, group), "loss_b": masked_mean(ce_b, select_a, group),
                 "select_a": select_a, "select_b": select_b, "candidates": region}
     if balance:
         raise ValueError("coteaching_losses: balance=True needs selection='pixel'")
+    if fallback:
+        dis_items, lab_items = (region, labelled) if selection == "pixel" else \
+            (region.flatten(1).any(1), labelled.flatten(1).any(1))
+        if not _enough(dis_items, lab_items):
+            region = labelled
     if selection == "pixel":
         out = coteaching_pair_loss(ce_a, ce_b, keep_ratio, region, group, method=method)
         out["candidates"] = region

@@ -37,6 +37,10 @@ class CoTeachingMixin:
         selection: ``"pixel"`` (rank pixels) or ``"sample"`` (rank images by their mean CE).
         coteach_plus: co-teaching+: only pixels where the networks' argmax disagree are candidates,
             from epoch ``plus_start_epoch`` on (plain co-teaching before, as in the authors' code).
+        plus_min_disagreement: co-teaching+ only: a class (with ``class_balanced``; else all pixels) whose
+            disagreement pixels are fewer than this fraction of its labelled pixels uses plain co-teaching in
+            that step (0 = the paper's rule, which collapses to all-background on polyps; see
+            :func:`~lightning_weakseg.losses.coteaching_losses`).
         inference: ``"average"`` (mean of the two softmaxes), ``"a"`` (the main model) or ``"b"`` (the peer);
             used by validation, test and predict through ``out["logits"]``/``out["probs"]``.
         peer_arch, peer_encoder, peer_model_kwargs: the peer's SMP architecture (default: the same as the
@@ -51,7 +55,8 @@ class CoTeachingMixin:
 
     def __init__(self, *, noisy_key: str = "noisy_mask", forget_rate: float = 0.3, num_gradual: int = 10,
                  exponent: float = 1.0, selection: str = "pixel", coteach_plus: bool = False,
-                 plus_start_epoch: int = 0, inference: str = "average", peer_arch: str | None = None,
+                 plus_start_epoch: int = 0, plus_min_disagreement: float = 0.1, inference: str = "average",
+                 peer_arch: str | None = None,
                  peer_encoder: str | None = None, peer_model_kwargs: dict[str, Any] | None = None,
                  selection_method: str = "radix", class_balanced: bool = False, **kwargs):
         if selection not in ("pixel", "sample"):
@@ -62,6 +67,8 @@ class CoTeachingMixin:
             raise ValueError("class_balanced=True needs selection='pixel'")
         if selection_method not in ("radix", "gather"):
             raise ValueError(f"selection_method: expected 'radix' or 'gather', got {selection_method!r}")
+        if not 0.0 <= float(plus_min_disagreement) <= 1.0:
+            raise ValueError(f"plus_min_disagreement: expected a fraction in [0, 1], got {plus_min_disagreement}")
         coteaching_keep_ratio(0, forget_rate, num_gradual, exponent)  # validates the schedule
         super().__init__(**kwargs)
         h = self.hparams
@@ -120,7 +127,8 @@ class CoTeachingMixin:
         ratio = self.current_keep_ratio()
         res = coteaching_losses(logits_a, logits_b, target, has, ratio, selection=h.selection,
                                 disagreement=plus, ignore_index=self.ignore_index, method=h.selection_method,
-                                balance=bool(h.get("class_balanced", False)))
+                                balance=bool(h.get("class_balanced", False)),
+                                min_disagreement=float(h.get("plus_min_disagreement", 0.0)) if plus else 0.0)
         terms["noisy/coteach_a"] = res["loss_a"]
         terms["noisy/coteach_b"] = res["loss_b"]
         if self._trainer is not None:
