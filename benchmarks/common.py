@@ -339,11 +339,3 @@ REGIMES["points_centroid_s035_st"] = Regime(_POINTS, ("points",), weakify={"poin
                                             callbacks=[("lightning_weakseg.callbacks:PseudoLabelRefresh",
                                                         {"every_n_epochs": 2, "start_epoch": 5})])
 
-# label correction by peer agreement (session 4): after the forget-rate ramp, pixels both networks assign to
-# another class with mean probability >= 0.9 take that class (dropped polyps, wrongly eroded bands)
-REGIMES["coteaching_bal_rl"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                      model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
-                                                    "relabel_threshold": 0.9, "relabel_start_epoch": 5})
-REGIMES["coteaching_bal_t20_rl"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                          model_kwargs={**_NOISY, "forget_rate": 0.2, "class_balanced": True,
-                                                        "relabel_threshold": 0.9, "relabel_start_epoch": 5})

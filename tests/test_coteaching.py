@@ -194,54 +194,6 @@ def test_mixin_peers_learn_from_each_others_selection(selection, monkeypatch):
     assert torch.equal(reach_b, sel_a)
 
 
-def test_agreement_relabel_against_a_pixel_loop():
-    g = torch.Generator().manual_seed(7)
-    la, lb = 3 * torch.randn(2, 3, 8, 8, generator=g), 3 * torch.randn(2, 3, 8, 8, generator=g)
-    lb[:, :, :4] = la[:, :, :4] + 0.1 * torch.randn(2, 3, 4, 8, generator=g)  # agreement in the top half
-    target = torch.randint(0, 3, (2, 8, 8), generator=g)
-    target[:, 0, :3] = 255
-    new, flip = ct.agreement_relabel(la, lb, target, 0.8)
-    pa, pb = la.softmax(1), lb.softmax(1)
-    expected = target.clone()
-    for b in range(2):
-        for y in range(8):
-            for x in range(8):
-                ca, cb = int(pa[b, :, y, x].argmax()), int(pb[b, :, y, x].argmax())
-                conf = 0.5 * float(pa[b, ca, y, x] + pb[b, ca, y, x])
-                if ca == cb and conf >= 0.8 and int(target[b, y, x]) not in (255, ca):
-                    expected[b, y, x] = ca
-    assert torch.equal(new, expected) and torch.equal(flip, new != target)
-    assert 0 < int(flip.sum()) and not flip[:, 0, :3].any()
-
-
-def test_mixin_relabels_before_selecting(monkeypatch):
-    """With relabel_threshold the selection runs on the corrected labels, from relabel_start_epoch on."""
-    model = tiny_module(forget_rate=0.2, relabel_threshold=0.5, relabel_start_epoch=1)
-    seen = {}
-
-    def record(la, lb, target, *args, **kwargs):
-        seen["target"] = target
-        return ct.coteaching_losses(la, lb, target, *args, **kwargs)
-
-    monkeypatch.setattr(regime, "coteaching_losses", record)
-    logged = {}
-    monkeypatch.setattr(model, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
-    batch = noisy_batch()
-    out = model(batch["image"])
-    for epoch, changes in ((0, False), (1, True)):
-        model.trainer = SimpleNamespace(current_epoch=epoch, world_size=1)
-        model.loss_terms(batch, out)
-        expected = ct.agreement_relabel(out["logits_a"], out["logits_b"], batch["noisy_mask"], 0.5)[0] \
-            if changes else batch["noisy_mask"]
-        assert torch.equal(seen["target"], expected)
-    assert not torch.equal(expected, batch["noisy_mask"])
-    labelled = batch["noisy_mask"] != 255
-    assert logged["train/coteach_relabelled"] == pytest.approx(float((expected != batch["noisy_mask"]).sum() /
-                                                                     labelled.sum()))
-    with pytest.raises(ValueError, match="relabel_threshold"):
-        tiny_module(relabel_threshold=1.5)
-
-
 def test_mixin_default_schedule_and_inference_modes():
     model = tiny_module(forget_rate=0.4, num_gradual=2, inference="average")
     model.trainer = SimpleNamespace(current_epoch=1)  # current_epoch is all the schedule reads

@@ -22,7 +22,6 @@ __all__ = [
     "masked_mean",
     "coteaching_pair_loss",
     "coteaching_losses",
-    "agreement_relabel",
 ]
 
 
@@ -318,36 +317,3 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     out["candidates"] = area > 0
     return out
 
-
-def agreement_relabel(logits_a: Tensor, logits_b: Tensor, target: Tensor, threshold: float, *,
-                      ignore_index: int = 255) -> tuple[Tensor, Tensor]:
-    r"""Label correction by peer agreement: a labelled pixel takes the class both networks predict when their
-    mean probability of it is at least ``threshold`` and it differs from the noisy label.
-
-    .. math::  \tilde y_i = \hat c_i \ \text{if}\ \arg\max p^{(a)}_i = \arg\max p^{(b)}_i = \hat c_i,\
-               \tfrac12 (p^{(a)}_{i,\hat c_i} + p^{(b)}_{i,\hat c_i}) \ge \text{threshold}; \text{ else } y_i
-
-    Co-teaching only *ignores* the large-loss pixels; a whole object missing from a mask (or a band of wrongly
-    eroded boundary) stays "background" in the labels. Correcting the labels the two networks confidently agree
-    on (the idea of co-correcting, Liu et al., IEEE TMI 2021) lets them learn those pixels instead. Per pixel,
-    no collectives: two DDP ranks relabel what one process relabels.
-
-    Returns:
-        (corrected target, bool mask of the relabelled pixels), both (B, H, W).
-
-    Example:
-        >>> la = torch.tensor([[[[4.0, -4.0]], [[-4.0, 4.0]]]])   # (1, 2, 1, 2): class 0 at x=0, class 1 at x=1
-        >>> agreement_relabel(la, la, torch.tensor([[[1, 0]]]), 0.9)[0].tolist()
-        [[[0, 1]]]
-    """
-    if not 0.0 < float(threshold) <= 1.0:
-        raise ValueError(f"agreement_relabel: expected threshold in (0, 1], got {threshold}")
-    if logits_a.shape != logits_b.shape or logits_a.dim() != 4:
-        raise ValueError(f"agreement_relabel: expected two (B, K, H, W) logits of equal shape, got "
-                         f"{tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
-    with torch.no_grad():
-        pa, pb = logits_a.detach().float().softmax(1), logits_b.detach().float().softmax(1)
-        ca, cb = pa.argmax(1), pb.argmax(1)
-        conf = 0.5 * (pa.gather(1, ca[:, None]) + pb.gather(1, ca[:, None]))[:, 0]
-        flip = (ca == cb) & (conf >= float(threshold)) & (target != ignore_index) & (ca != target)
-        return torch.where(flip, ca.to(target.dtype), target), flip

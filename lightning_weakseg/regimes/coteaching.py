@@ -17,7 +17,7 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
-from ..losses.coteaching import agreement_relabel, coteaching_keep_ratio, coteaching_losses
+from ..losses.coteaching import coteaching_keep_ratio, coteaching_losses
 from ..module import WeakSegModule
 from ..nn import replace_batchnorm
 
@@ -46,10 +46,6 @@ class CoTeachingMixin:
         peer_arch, peer_encoder, peer_model_kwargs: the peer's SMP architecture (default: the same as the
             main model), built with ``smp.create_model`` and its own random initialisation.
         selection_method: ``"radix"`` or ``"gather"`` for the DDP threshold (same result).
-        relabel_threshold: optional label correction (off by default): from epoch ``relabel_start_epoch`` on, a
-            labelled pixel whose class both networks predict with mean probability ≥ this takes that class before
-            the selection (:func:`~lightning_weakseg.losses.agreement_relabel`); ``train/coteach_relabelled``
-            logs the fraction of labelled pixels changed.
         class_balanced: keep R(T) of the candidate pixels of each noisy-label class rather than of all pixels
             (pixel selection only): the plain rule drops the minority foreground first (see
             :func:`~lightning_weakseg.losses.coteaching_losses`).
@@ -62,8 +58,7 @@ class CoTeachingMixin:
                  plus_start_epoch: int = 0, plus_min_disagreement: float = 0.1, inference: str = "average",
                  peer_arch: str | None = None,
                  peer_encoder: str | None = None, peer_model_kwargs: dict[str, Any] | None = None,
-                 selection_method: str = "radix", class_balanced: bool = False,
-                 relabel_threshold: float | None = None, relabel_start_epoch: int = 0, **kwargs):
+                 selection_method: str = "radix", class_balanced: bool = False, **kwargs):
         if selection not in ("pixel", "sample"):
             raise ValueError(f"selection: expected 'pixel' or 'sample', got {selection!r}")
         if inference not in ("average", "a", "b"):
@@ -74,8 +69,6 @@ class CoTeachingMixin:
             raise ValueError(f"selection_method: expected 'radix' or 'gather', got {selection_method!r}")
         if not 0.0 <= float(plus_min_disagreement) <= 1.0:
             raise ValueError(f"plus_min_disagreement: expected a fraction in [0, 1], got {plus_min_disagreement}")
-        if relabel_threshold is not None and not 0.0 < float(relabel_threshold) <= 1.0:
-            raise ValueError(f"relabel_threshold: expected None or a probability in (0, 1], got {relabel_threshold}")
         coteaching_keep_ratio(0, forget_rate, num_gradual, exponent)  # validates the schedule
         super().__init__(**kwargs)
         h = self.hparams
@@ -130,11 +123,6 @@ class CoTeachingMixin:
             target = torch.full((b, hh, ww), self.ignore_index, dtype=torch.long, device=logits_a.device)
             has = torch.zeros(b, dtype=torch.bool, device=logits_a.device)
         h = self.hparams
-        relabelled = None
-        if h.get("relabel_threshold") is not None and self.current_epoch >= h.get("relabel_start_epoch", 0):
-            target, relabelled = agreement_relabel(logits_a, logits_b, target, h.relabel_threshold,
-                                                   ignore_index=self.ignore_index)
-            relabelled &= has.view(-1, 1, 1)
         plus = bool(h.coteach_plus) and self.current_epoch >= h.plus_start_epoch
         ratio = self.current_keep_ratio()
         res = coteaching_losses(logits_a, logits_b, target, has, ratio, selection=h.selection,
@@ -147,10 +135,6 @@ class CoTeachingMixin:
             bs = logits_a.shape[0]
             cand = res["candidates"].sum().clamp_min(1)
             self.log("train/coteach_kept", res["select_a"].sum() / cand, on_step=False, on_epoch=True, batch_size=bs)
-            if relabelled is not None:
-                labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
-                self.log("train/coteach_relabelled", relabelled.sum() / labelled.sum().clamp_min(1), on_step=False,
-                         on_epoch=True, batch_size=bs)
             if plus:
                 labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
                 frac = res["candidates"].float().mean() if h.selection == "sample" else \
