@@ -110,6 +110,8 @@ def main(argv=None):
                    "its default, 16)")
     p.add_argument("--mass-tol", type=float, default=0.05, help="approximate Score-CAM row (0 = skip it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--floor", action="store_true", help="also compare pytorch-grad-cam's Score-CAM with itself "
+                   "at batch --score-batch (the float32 noise floor of the agreement)")
     p.add_argument("--trained", type=int, default=0, metavar="EPOCHS",
                    help="classifier only: first train it this many epochs on 64-px synthetic organ tags "
                         "(class_presence 0.5), then explain 224-px synthetic organ slices instead of noise")
@@ -161,6 +163,13 @@ def main(argv=None):
     rows.append((f"Score-CAM [{exact.last_scorer}]", f"{a.score_images}×{a.size}²", t_theirs, t_ours,
                  *agreement(m_ours.cpu().numpy(), m_theirs)))
     t_ref, n_exact = t_theirs, exact.last_num_forward
+    if a.floor:  # float32 noise floor: pytorch-grad-cam against itself with another batch size
+        ref32 = pgc.ScoreCAM(peer, [model.encoder.layer4])
+        ref32.batch_size = a.score_batch
+        t32, m32 = timed(lambda: ref32(input_tensor=xs, targets=targets[:a.score_images]), 1, sync)
+        ref32.activations_and_grads.release()
+        rows.append((f"pytorch-grad-cam Score-CAM, batch {a.score_batch} vs its default 16 (noise floor)",
+                     f"{a.score_images}×{a.size}²", t_ref, t32, *agreement(m32, m_theirs)))
     if a.ablation:
         plain = ScoreCAM(model, "encoder.layer4", batch_size=a.score_batch, score_model=None, optimize=False)
         t_ours, m_ours = timed(lambda: plain(xs, ids), a.score_repeats, sync)

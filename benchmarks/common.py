@@ -194,7 +194,7 @@ def run_one(data_root: str, dataset: str, name: str, regime: Regime, *, epochs: 
            "n_train": len(dm.train_dataset), "n_val": len(dm.val_dataset),
            **{k.split("/", 1)[1]: float(v) for k, v in res.items() if k.startswith("val/") and "_" not in k[4:]},
            **{k.split("/", 1)[1]: float(v) for k, v in res.items() if k.startswith("val/dice_")}}
-    if regime.instances:
+    if regime.instances or spec.get("instance_dir"):  # every regime on an instance data set, full masks too
         row.update(_instance_scores(model, dm))
     if regime.pseudo_eval:
         row.update(_pseudo_scores(model, dm))

@@ -151,6 +151,36 @@ def test_scorecam_matches_pytorch_grad_cam(clf):
     assert (pearson(got2.numpy(), want) > 0.95).all()
 
 
+class _NearConstantChannel(nn.Module):
+    """Eight ReLU channels plus one whose range (1e-6 around 1.0) is of the order of float32 rounding after
+    upsampling — as dead-ish channels of trained networks are."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.target = nn.Identity()
+        self.head = nn.Linear(9, 3)
+        with torch.no_grad():
+            self.head.weight.mul_(20)
+
+    def forward(self, x):
+        f = self.features(x)
+        a = self.target(torch.cat([f, 1.0 + 1e-6 * f[:, :1]], 1))
+        return self.head(a.mean((2, 3)))
+
+
+def test_scorecam_normalises_nearly_constant_channels_like_pytorch_grad_cam():
+    # min-max normalisation must use the upsampled map's own extremes: for a nearly constant channel the grid's
+    # extremes differ from them by rounding, which is the whole range of that channel
+    model = _NearConstantChannel().eval()
+    x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    got = ScoreCAM(model, "target", batch_size=64, optimize=False)(x, 1)
+    with pgc.ScoreCAM(model, [model.target]) as ref:
+        want = ref(x, [ClassifierOutputTarget(1)] * 2)
+    assert_agree(got, want)
+
+
 def test_scorecam_skips_the_decoder_of_an_smp_aux_model():
     """score_model="auto": an SMP Unet with a classification head is scored with encoder + head only (and a
     BatchNorm-folded, channels-last copy); the maps still match pytorch-grad-cam run on the whole model."""

@@ -261,7 +261,7 @@ class ScoreCAM(BaseCAM):
         size = tuple(x.shape[2:])
         mode = "bilinear" if len(size) == 2 else "trilinear"
         flat = act.flatten(2)
-        lo, span = flat.amin(2), flat.amax(2) - flat.amin(2)
+        span = flat.amax(2) - flat.amin(2)
         scored = self.selected_channels(act)
         constant = span <= 0
         scores = torch.full((b, c), float("-inf"), dtype=act.dtype, device=act.device)
@@ -278,7 +278,11 @@ class ScoreCAM(BaseCAM):
             for chunk in pairs.split(self.batch_size):
                 bi, ki = chunk[:, 0], chunk[:, 1]
                 up = F.interpolate(act[bi, ki].unsqueeze(1), size=size, mode=mode, align_corners=True)
-                mask = (up - lo[bi, ki].view(shape)) / (span[bi, ki].view(shape) + 1e-8)
+                # min and max of the upsampled map itself (equal to the grid's up to rounding, which matters for
+                # nearly constant channels: their normalised masks are mostly rounding, as in pytorch-grad-cam)
+                flat_up = up.flatten(1)
+                u_lo, u_hi = flat_up.amin(1), flat_up.amax(1)
+                mask = (up - u_lo.view(shape)) / ((u_hi - u_lo).view(shape) + 1e-8)
                 logits = logits_from_output(scorer((xf[bi] * mask).contiguous(memory_format=fmt)))
                 scores[bi, ki] = logits.gather(1, idx[bi][:, None])[:, 0].to(act.dtype)
                 n_forward += len(chunk)
