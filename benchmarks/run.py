@@ -24,8 +24,9 @@ from common import DATASETS, REGIMES, run_one, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # settings that must be equal for rows to share one table (one "full" row as the reference)
-SAME = ("dataset", "epochs", "image_size", "max_train", "batch_size", "lr", "arch", "encoder", "noise", "seed", "tiles")
-DEFAULTS = {"tiles": 1}  # settings added later: a result file without them was made with this value
+SAME = ("dataset", "epochs", "image_size", "max_train", "batch_size", "lr", "arch", "encoder", "noise", "seed", "tiles",
+        "tile_eval")
+DEFAULTS = {"tiles": 1, "tile_eval": "tiles"}  # settings added later: a result file without them was made with this value
 
 
 def main(argv=None):
@@ -44,6 +45,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiles", type=int, default=1, help="cut each image (resized to tiles x image-size) into "
                    "tiles x tiles samples of image-size (Kvasir: tiles with and without polyp, for tags)")
+    p.add_argument("--pseudo-eval-max", type=int, default=320, help="validation samples the pseudo-mask scores "
+                   "(tag regimes, each CAM variant) use")
+    p.add_argument("--tile-eval", default="tiles", choices=("tiles", "images"),
+                   help="with --tiles: validate on tiles or on the whole images (at tiles x image-size)")
     p.add_argument("--tag", default=None, help="result file name (default: <dataset>_<regimes>)")
     p.add_argument("--log-dir", default=None, help="CSV logs per run (optional)")
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (the final score is always "
@@ -60,6 +65,8 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown regimes {unknown}; known: {sorted(REGIMES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import common
+    common.PSEUDO_EVAL_MAX = a.pseudo_eval_max
     torch.set_num_threads(a.threads)
     tag = a.tag or f"{a.dataset}_{'-'.join(names)}"
     settings = {k: v for k, v in vars(a).items() if k not in ("data", "tag", "log_dir", "regimes", "append")}
@@ -74,7 +81,7 @@ def main(argv=None):
         row = run_one(a.data, a.dataset, name, REGIMES[name], epochs=a.epochs, image_size=a.image_size,
                       max_train=a.max_train, batch_size=a.batch_size, seed=a.seed, arch=a.arch,
                       encoder=a.encoder, lr=a.lr, noise=a.noise, log_dir=a.log_dir, val_every=a.val_every,
-                      tiles=a.tiles)
+                      tiles=a.tiles, tile_eval=a.tile_eval)
         row["command"] = payload["command"]
         if a.append:
             payload = merge_row(path, payload, row)

@@ -74,3 +74,19 @@ def test_datamodule_keeps_the_tiles_of_an_image_in_one_split(tmp_path, source):
     assert batch["image"].shape[-2:] == ((4, 4) if source == "folder" else (32, 32))
     with pytest.raises(ValueError, match="tiles"):
         WeakSegDataModule(tiles=0)
+
+
+def test_tile_eval_images_validates_on_the_whole_images(tmp_path):
+    root = write_folder(tmp_path, n=10)
+    dm = WeakSegDataModule(source="folder", root=str(root), num_classes=2, in_channels=3, image_size=4, tiles=2,
+                           val_fraction=0.3, train_labels=("tags",), tile_eval="images")
+    dm.setup("fit")
+    assert dm.val_dataset.indices == sorted({i // 4 for i in dm.split["val"]}) and len(dm.val_dataset) == 3
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape[-2:] == (8, 8)
+    src = FolderDataset(root, num_classes=2, in_channels=3, image_size=8)
+    j = dm.val_dataset.indices[0]
+    assert np.array_equal(batch["mask"][0].numpy(), src.load_raw(j)["mask"])
+    assert next(iter(dm.train_dataloader()))["image"].shape[-2:] == (4, 4)
+    with pytest.raises(ValueError, match="tile_eval"):
+        WeakSegDataModule(tiles=2, tile_eval="whole")

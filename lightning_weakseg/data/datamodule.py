@@ -70,6 +70,9 @@ class WeakSegDataModule(L.LightningDataModule):
         tiles: ``g > 1`` resizes every image to ``g·image_size`` and cuts it into ``g × g`` tiles of
             ``image_size``, each a sample with its own weak labels (e.g. tags that vary on Kvasir, where every
             image holds a polyp); the tiles of one image stay in one split (:class:`~.tiles.TiledDataset`).
+        tile_eval: with tiles, ``"tiles"`` validates and tests on tiles, ``"images"`` on the whole images (at
+            ``tiles × image_size``) that the validation / test tiles come from: training sees tiles, the metrics
+            see whole images, as in the usual benchmarks of the data set.
         train_labels: label keys the training split carries (weak labels derived from masks if absent).
         label_fractions: mixed supervision, e.g. ``{"mask": 0.1, "boxes": 0.3, "tags": 0.6}`` (overrides
             ``train_labels``).
@@ -89,10 +92,12 @@ class WeakSegDataModule(L.LightningDataModule):
                  weakify: dict | None = None, augment: str = "default", batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.0, max_train_samples: int | None = None,
                  eval_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
-                 class_presence: float = 1.0, tiles: int = 1):
+                 class_presence: float = 1.0, tiles: int = 1, tile_eval: str = "tiles"):
         super().__init__()
         if int(tiles) != tiles or tiles < 1:
             raise ValueError(f"tiles must be a positive integer, got {tiles!r}")
+        if tile_eval not in ("tiles", "images"):
+            raise ValueError(f"tile_eval must be 'tiles' or 'images', got {tile_eval!r}")
         if source not in ("synthetic", "folder"):
             raise ValueError(f"source must be 'synthetic' or 'folder', got {source!r}")
         if source == "folder":
@@ -145,8 +150,13 @@ class WeakSegDataModule(L.LightningDataModule):
             per = assign_labels(len(train_idx), dict(h.label_fractions), h.seed)
             plan = {i: p for i, p in zip(train_idx, per)}
         self.train_dataset = ds.subset(train_idx, labels=tuple(h.train_labels), label_plan=plan, augment=h.augment)
-        self.val_dataset = ds.subset(split["val"], labels=eval_labels, augment="none")
-        self.test_dataset = ds.subset(split["test"], labels=eval_labels, augment="none") if split["test"] else None
+        eval_ds, val_idx, test_idx = ds, split["val"], split["test"]
+        if isinstance(ds, TiledDataset) and h.get("tile_eval", "tiles") == "images":
+            # validate / test on the whole images (at tiles × image_size) the evaluation tiles came from
+            eval_ds, per = ds.source, ds.grid ** 2
+            val_idx, test_idx = sorted({i // per for i in val_idx}), sorted({i // per for i in test_idx})
+        self.val_dataset = eval_ds.subset(val_idx, labels=eval_labels, augment="none")
+        self.test_dataset = eval_ds.subset(test_idx, labels=eval_labels, augment="none") if test_idx else None
         self.full_dataset = ds
 
     def _loader(self, ds, shuffle: bool, batch_size: int | None = None):
