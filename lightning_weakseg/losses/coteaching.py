@@ -278,22 +278,21 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     if not 0.0 <= float(min_disagreement) <= 1.0:
         raise ValueError(f"coteaching_losses: expected min_disagreement in [0, 1], got {min_disagreement}")
     region = labelled
-    disagree = None
     if disagreement:
-        disagree = logits_a.detach().argmax(1) != logits_b.detach().argmax(1)
-        region = region & disagree
+        region = region & (logits_a.detach().argmax(1) != logits_b.detach().argmax(1))
     fallback = disagreement and float(min_disagreement) > 0.0
 
-    def _enough(dis: Tensor, lab: Tensor) -> bool:  # global counts: every rank takes the same branch
+    def _too_few(dis: Tensor, lab: Tensor) -> Tensor:  # counts over all ranks: every rank decides alike
         counts, _ = _global_sum(torch.stack([dis.sum(), lab.sum()]).long(), group)
-        return bool(counts[0] >= float(min_disagreement) * counts[1])
+        return counts[0] < float(min_disagreement) * counts[1]  # a 0-dim bool tensor: no host sync
 
     if selection == "pixel" and balance:
         select_a, select_b = torch.zeros_like(region), torch.zeros_like(region)
         for c in range(k):  # a loop over classes (K collectives under DDP, the same K on every rank)
             rc = region & (safe == c)
-            if fallback and not _enough(rc, labelled & (safe == c)):
-                rc = labelled & (safe == c)
+            if fallback:
+                lab_c = labelled & (safe == c)
+                rc = torch.where(_too_few(rc, lab_c), lab_c, rc)
                 region = region | rc
             select_a |= small_loss_selection(ce_a.detach(), keep_ratio, rc, group, method=method)
             select_b |= small_loss_selection(ce_b.detach(), keep_ratio, rc, group, method=method)
@@ -304,8 +303,7 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     if fallback:
         dis_items, lab_items = (region, labelled) if selection == "pixel" else \
             (region.flatten(1).any(1), labelled.flatten(1).any(1))
-        if not _enough(dis_items, lab_items):
-            region = labelled
+        region = torch.where(_too_few(dis_items, lab_items), labelled, region)
     if selection == "pixel":
         out = coteaching_pair_loss(ce_a, ce_b, keep_ratio, region, group, method=method)
         out["candidates"] = region
@@ -316,4 +314,3 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     out = coteaching_pair_loss(per_a, per_b, keep_ratio, area > 0, group, method=method)
     out["candidates"] = area > 0
     return out
-
