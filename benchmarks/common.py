@@ -340,3 +340,7 @@ REGIMES["points_centroid_s035_st"] = Regime(_POINTS, ("points",), weakify={"poin
                                             callbacks=[("lightning_weakseg.callbacks:PseudoLabelRefresh",
                                                         {"every_n_epochs": 2, "start_epoch": 5})])
 
+
+# a stronger full-mask baseline (CE + soft Dice): plain CE on 64-px Kvasir tiles is slow to leave the
+# all-background solution at a CPU budget (issue 5's tiles benchmark)
+REGIMES["full_dice"] = Regime(model_kwargs={"dice_weight": 1.0})
