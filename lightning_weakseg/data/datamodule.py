@@ -129,7 +129,7 @@ class WeakSegDataModule(L.LightningDataModule):
             groups = ds.groups(h.group_regex)
         if grid > 1:
             ds = TiledDataset(ds, grid, **{**common, "image_size": h.image_size})
-            groups = [g for g in groups for _ in range(grid * grid)]
+            groups = ds.groups(h.group_regex)
         return ds, groups
 
     def setup(self, stage: str | None = None) -> None:

@@ -116,17 +116,21 @@ class WeakSegDataset(Dataset):
             out["boxes"] = b
         return out
 
-    def _base(self, raw_i: int) -> dict:
-        """The un-augmented sample in the base view with every requested label (weak labels cached)."""
-        name = self.sample_id(raw_i)
-        raw = self.load_raw(raw_i)
+    def check_raw(self, raw: dict, name: str) -> None:
+        """Validate a ``load_raw`` result in the user's geometry (before any resize), so that errors name the
+        file's own coordinates."""
         img = raw["image"]
         if img.ndim != 3:
             from ..errors import WeakSegDataError
             raise WeakSegDataError(f"expected an (H,W,C) image, got shape {img.shape}", name, "image")
-        # validate in the raw geometry first: errors must name the user's coordinates
         validate_sample({**{k: v for k, v in raw.items() if k != "image"}, "image": np.moveaxis(img, 2, 0)},
                         self.num_classes, self.in_channels, name, require_label=False)
+
+    def _base(self, raw_i: int) -> dict:
+        """The un-augmented sample in the base view with every requested label (weak labels cached)."""
+        name = self.sample_id(raw_i)
+        raw = self.load_raw(raw_i)
+        self.check_raw(raw, name)
         raw = self._resize(raw, name)
         keys = self.keys_for(raw_i)
         sample = {"image": raw["image"], "id": name}

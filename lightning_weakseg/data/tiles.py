@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .batch import validate_sample
 from .dataset import WeakSegDataset
 
 __all__ = ["TiledDataset"]
@@ -54,7 +53,7 @@ class TiledDataset(WeakSegDataset):
         return f"{self.source.sample_id(j)}@r{r}c{c}"
 
     def groups(self, regex: str | None = None) -> list[str]:
-        """The source image's split group for every tile."""
+        """The source image's split group for every tile (sources without ``groups``: one group per image)."""
         base = self.source.groups(regex) if hasattr(self.source, "groups") else \
             [str(j) for j in range(self.source.raw_length())]
         return [g for g in base for _ in range(self.grid ** 2)]
@@ -63,10 +62,7 @@ class TiledDataset(WeakSegDataset):
         j, r, c = self._where(i)
         src_id = self.source.sample_id(j)
         raw = self.source.load_raw(j)
-        img = raw["image"]
-        if img.ndim == 3:  # validated in the user's geometry, so that errors name the file's coordinates
-            validate_sample({**{k: v for k, v in raw.items() if k != "image"}, "image": np.moveaxis(img, 2, 0)},
-                            self.num_classes, self.in_channels, src_id, require_label=False)
+        self.source.check_raw(raw, src_id)  # in the file's geometry: errors name its own coordinates
         raw = self.source._resize(raw, src_id)
         H, W = self.image_hw
         ys, xs = slice(r * H, (r + 1) * H), slice(c * W, (c + 1) * W)
@@ -77,4 +73,3 @@ class TiledDataset(WeakSegDataset):
             b[:, [2, 4]] = np.clip(b[:, [2, 4]] - r * H, 0, H)
             out["boxes"] = b[(b[:, 3] > b[:, 1]) & (b[:, 4] > b[:, 2])]
         return out
-
