@@ -31,6 +31,7 @@ def main(argv=None):
     print("| noise rate | wrong pixels | wrong among noisy foreground | wrong among noisy background | "
           "images whose objects all vanished |")
     print("|---|---|---|---|---|")
+    per_class = {}
     for rate in (float(r) for r in a.rates.split(",")):
         rng = np.random.default_rng(0)
         stats = []
@@ -42,6 +43,26 @@ def main(argv=None):
                           float((m > 0).any() and not fg.any())))
         s = np.mean(stats, 0)
         print(f"| {rate} | {s[0]:.3f} | {s[1]:.3f} | {s[2]:.3f} | {s[3]:.3f} |")
+        per_class[rate] = pooled(masks, rate)
+    # pooled over every pixel (what a batch-wide selection sees): for each class c of the NOISY mask, the fraction of
+    # the pixels labelled c that are wrong — the per-class forget rate of class-balanced co-teaching
+    classes = sorted(set().union(*(np.unique(m).tolist() for m in masks)))
+    print("\n| noise rate | " + " | ".join(f"wrong among noisy class {c}" for c in classes) + " |")
+    print("|---|" + "---|" * len(classes))
+    for rate, frac in per_class.items():
+        print(f"| {rate} | " + " | ".join(f"{frac.get(c, float('nan')):.3f}" for c in classes) + " |")
+
+
+def pooled(masks, rate):
+    rng = np.random.default_rng(0)
+    labelled, wrong = {}, {}
+    for m in masks:
+        n = noisy_mask(m, rate, rng)
+        for c in np.unique(n).tolist():
+            sel = n == c
+            labelled[c] = labelled.get(c, 0) + int(sel.sum())
+            wrong[c] = wrong.get(c, 0) + int((sel & (m != c)).sum())
+    return {c: wrong[c] / max(labelled[c], 1) for c in labelled}
 
 
 if __name__ == "__main__":

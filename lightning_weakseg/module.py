@@ -24,6 +24,17 @@ from .metrics import HD95, DiceIoU
 from .nn import replace_batchnorm
 
 
+def on_subset(fn, has: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (B,) of ``fn`` evaluated only on the samples with ``has``; the others are exactly 0 and
+    receive no gradient (they are never in the graph of ``fn``)."""
+    b = has.shape[0]
+    if bool(has.all()):
+        return fn(*tensors)
+    idx = has.nonzero().squeeze(1)
+    vals = fn(*(t.index_select(0, idx) for t in tensors))
+    return vals.new_zeros(b).index_put((idx,), vals)
+
+
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Per-sample mean cross-entropy over each sample's labelled pixels: (B,K,H,W), (B,H,W) → (B,).
 

@@ -273,3 +273,73 @@ def test_class_balanced_selection_keeps_R_of_each_class():
     assert int((plain["select_a"] & (target == 1)).sum()) < int(12 * ratio + 0.5)  # the imbalance it fixes
     with pytest.raises(ValueError, match="selection='pixel'"):
         coteaching_losses(logits_a, logits_b, target, None, ratio, selection="sample", balance=True)
+
+
+# ----------------------------------------------------------------------------- one forget rate per class
+def test_per_class_keep_ratios_keep_their_own_fraction_of_each_class():
+    """A sequence of keep ratios (balance=True): class c keeps round(R_c · n_c) of its labelled pixels, and they
+    are its smallest losses (a sort per class written out here)."""
+    torch.manual_seed(1)
+    b, h, w = 2, 8, 9
+    target = torch.zeros(b, h, w, dtype=torch.long)
+    target[:, :3, :4] = 1                      # 24 pixels of class 1
+    target[:, 5:, 5:] = 2                      # 24 pixels of class 2
+    target[1, 0, 8] = 255
+    logits_a, logits_b = torch.randn(b, 3, h, w), torch.randn(b, 3, h, w)
+    ratios = (0.95, 0.5, 0.25)
+    out = coteaching_losses(logits_a, logits_b, target, None, ratios, balance=True)
+    ce = {"select_a": F.cross_entropy(logits_a, target.clamp_max(2), reduction="none"),
+          "select_b": F.cross_entropy(logits_b, target.clamp_max(2), reduction="none")}
+    for key in ("select_a", "select_b"):
+        for c, r in enumerate(ratios):
+            vals = ce[key][target == c]
+            k = int(len(vals) * r + 0.5)
+            kept = ce[key][out[key] & (target == c)]
+            assert len(kept) == k, (key, c)
+            assert torch.equal(torch.sort(kept).values, torch.sort(vals).values[:k]), (key, c)
+        assert not out[key][target == 255].any()
+    # a scalar R equals the same R repeated per class
+    same = coteaching_losses(logits_a, logits_b, target, None, (0.5,) * 3, balance=True)
+    scalar = coteaching_losses(logits_a, logits_b, target, None, 0.5, balance=True)
+    assert torch.equal(same["select_a"], scalar["select_a"]) and torch.equal(same["loss_b"], scalar["loss_b"])
+    with pytest.raises(ValueError, match="one keep ratio per class"):
+        coteaching_losses(logits_a, logits_b, target, None, (0.5, 0.5), balance=True)
+    with pytest.raises(ValueError, match="balance=True"):
+        coteaching_losses(logits_a, logits_b, target, None, ratios)
+
+
+def test_per_class_forget_rates_in_the_mixin_and_the_schedule(monkeypatch):
+    assert coteaching_keep_ratio(2, [0.0, 0.4], 4) == (1.0, pytest.approx(R_ref(2, 0.4, 4)))
+    with pytest.raises(ValueError, match="class_balanced"):
+        tiny_module(forget_rate=[0.1, 0.3])
+    with pytest.raises(ValueError, match="num_classes=2"):
+        tiny_module(forget_rate=[0.1, 0.2, 0.3], class_balanced=True)
+    model = tiny_module(forget_rate=[0.0, 0.5], num_gradual=0, class_balanced=True)
+    assert model.current_keep_ratio() == (1.0, 0.5)                          # epoch 0, T_k = 0: τ at once
+    batch = noisy_batch()
+    model.train()
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(ct.coteaching_losses(*args, **kwargs))
+        return seen
+
+    monkeypatch.setattr(regime, "coteaching_losses", record)
+    model.loss_terms(batch, model(batch["image"]))                          # the mixin's own path
+    target = batch["noisy_mask"]
+    for key in ("select_a", "select_b"):
+        assert torch.equal(seen[key] & (target == 0), target == 0)          # τ_0 = 0: all background kept
+        assert int((seen[key] & (target == 1)).sum()) == int((target == 1).sum() * 0.5 + 0.5)
+    # the callback's tuple reaches the module, survives its checkpoint state, and continues the schedule
+    cb, module = ForgetRateSchedule(), _Module(forget_rate=[0.1, 0.6], num_gradual=3, exponent=1.0)
+    cb.on_fit_start(None, module)
+    cb.on_train_epoch_start(SimpleNamespace(current_epoch=1), module)
+    assert module.keep_ratio == (pytest.approx(R_ref(1, 0.1, 3)), pytest.approx(R_ref(1, 0.6, 3)))
+    state = cb.state_dict()
+    assert state["forget_rate"] == [0.1, 0.6] and isinstance(state["keep_ratio"], list)
+    fresh, module2 = ForgetRateSchedule(forget_rate=0.3), _Module(forget_rate=0.3, num_gradual=1)
+    fresh.load_state_dict(state)
+    assert fresh.keep_ratio == module.keep_ratio
+    fresh.on_fit_start(None, module2)
+    fresh.on_train_epoch_start(SimpleNamespace(current_epoch=2), module2)
+    assert module2.keep_ratio == (pytest.approx(R_ref(2, 0.1, 3)), pytest.approx(R_ref(2, 0.6, 3)))

@@ -89,6 +89,37 @@ def test_cls_and_pseudo_terms_match_references():
     assert terms["tags/pseudo"].item() == pytest.approx(sum(ce) / 3, rel=1e-5)
 
 
+def slow_gated_crf(p, img, r, sxy, srgb):
+    """Σ_i Σ_{j in window, j≠i} K_ij (1 − Σ_a p_i^a p_j^a) / number of pairs, written out for one sample."""
+    k, h, w = p.shape
+    num = den = 0.0
+    for y in range(h):
+        for x in range(w):
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    yy, xx = y + dy, x + dx
+                    if (dy, dx) == (0, 0) or not (0 <= yy < h and 0 <= xx < w):
+                        continue
+                    kern = math.exp(-(dy * dy + dx * dx) / (2 * sxy ** 2)
+                                    - float(((img[:, y, x] - img[:, yy, xx]) ** 2).sum()) / (2 * srgb ** 2))
+                    num += kern * (1 - float((p[:, y, x] * p[:, yy, xx]).sum()))
+                    den += 1
+    return num / den
+
+
+def test_crf_term_is_the_gated_crf_loss_of_the_tagged_samples():
+    model = module(tag_mil=None, tag_cls=False, tag_pseudo_source="mil", tag_crf=True,
+                   tag_crf_kwargs={"kernel_radius": 2, "sigma_xy": 3.0, "sigma_rgb": 0.3})
+    out, batch = fake()
+    terms = model.loss_terms(batch, out)
+    assert set(terms) == {"tags/crf"} and model.term_weight("tags/crf") == 0.1
+    p, img = out["probs"].detach(), batch["image"]
+    want = sum(slow_gated_crf(p[i], img[i], 2, 3.0, 0.3) for i in (0, 2)) / 3   # sample 1 has no tags
+    assert terms["tags/crf"].item() == pytest.approx(want, rel=1e-5)
+    terms["tags/crf"].backward()
+    assert out["logits"].grad[1].abs().max() == 0 and out["logits"].grad[0].abs().max() > 0
+
+
 def test_untagged_samples_contribute_nothing():
     model = module(tag_mil="lse", tag_cls=True)
     out, batch = fake()

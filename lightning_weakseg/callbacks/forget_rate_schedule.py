@@ -15,7 +15,8 @@ class ForgetRateSchedule(L.Callback):
     training epoch (``T`` the 0-based epoch) and logs it as ``train/keep_ratio``.
 
     Args:
-        forget_rate: τ; ``None`` takes the module's ``hparams.forget_rate``.
+        forget_rate: τ, or a list of τ per class (then ``keep_ratio`` is a tuple, logged per class as
+            ``train/keep_ratio_c{c}``); ``None`` takes the module's ``hparams.forget_rate``.
         num_gradual: T_k in epochs; ``None`` takes ``hparams.num_gradual``.
         exponent: c; ``None`` takes ``hparams.exponent``.
 
@@ -29,7 +30,7 @@ class ForgetRateSchedule(L.Callback):
         [1.0, 0.875, 0.75, 0.625, 0.5, 0.5]
     """
 
-    def __init__(self, forget_rate: float | None = None, num_gradual: int | None = None,
+    def __init__(self, forget_rate: float | list[float] | None = None, num_gradual: int | None = None,
                  exponent: float | None = None):
         super().__init__()
         self.forget_rate, self.num_gradual, self.exponent = forget_rate, num_gradual, exponent
@@ -45,7 +46,7 @@ class ForgetRateSchedule(L.Callback):
                 setattr(self, name, hp.get(name, default))
         coteaching_keep_ratio(0, self.forget_rate, self.num_gradual, self.exponent)
 
-    def keep_ratio_at(self, epoch: int) -> float:
+    def keep_ratio_at(self, epoch: int) -> float | tuple[float, ...]:
         if None in (self.forget_rate, self.num_gradual, self.exponent):
             raise RuntimeError("ForgetRateSchedule: forget_rate/num_gradual/exponent not resolved yet "
                                "(they come from the module at fit start)")
@@ -59,13 +60,20 @@ class ForgetRateSchedule(L.Callback):
         self.epoch = int(trainer.current_epoch)
         self.keep_ratio = self.keep_ratio_at(self.epoch)
         pl_module.keep_ratio = self.keep_ratio
-        pl_module.log("train/keep_ratio", self.keep_ratio, on_step=False, on_epoch=True)
+        if isinstance(self.keep_ratio, tuple):  # one forget rate per class
+            for c, r in enumerate(self.keep_ratio):
+                pl_module.log(f"train/keep_ratio_c{c}", r, on_step=False, on_epoch=True)
+        else:
+            pl_module.log("train/keep_ratio", self.keep_ratio, on_step=False, on_epoch=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"forget_rate": self.forget_rate, "num_gradual": self.num_gradual, "exponent": self.exponent,
-                "epoch": self.epoch, "keep_ratio": self.keep_ratio}
+        def plain(v):  # lists of floats in the checkpoint (torch.load with weights_only accepts them)
+            return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+        return {"forget_rate": plain(self.forget_rate), "num_gradual": self.num_gradual, "exponent": self.exponent,
+                "epoch": self.epoch, "keep_ratio": plain(self.keep_ratio)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("forget_rate", "num_gradual", "exponent", "epoch", "keep_ratio"):
             if key in state_dict:
-                setattr(self, key, state_dict[key])
+                v = state_dict[key]
+                setattr(self, key, tuple(v) if key == "keep_ratio" and isinstance(v, list) else v)

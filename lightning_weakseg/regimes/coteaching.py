@@ -29,7 +29,9 @@ class CoTeachingMixin:
 
     Args:
         noisy_key: the dense noisy label map (255 = ignore) the two networks learn from.
-        forget_rate: τ, the fraction finally dropped (≈ the noise rate).
+        forget_rate: τ, the fraction finally dropped (≈ the noise rate); with ``class_balanced`` also a list of
+            ``num_classes`` rates, one per noisy-label class (≈ the fraction of wrong labels among the pixels
+            labelled c; ``benchmarks/noise_stats.py`` prints it for the simulator).
         num_gradual: T_k, epochs over which the forget rate ramps up; exponent: c.
             R(T) = 1 − min(T^c / T_k · τ, τ) with T the 0-based epoch. A
             :class:`~lightning_weakseg.callbacks.ForgetRateSchedule` callback, when present, sets
@@ -53,7 +55,8 @@ class CoTeachingMixin:
 
     default_loss_weights = {"noisy/coteach_a": 1.0, "noisy/coteach_b": 1.0}
 
-    def __init__(self, *, noisy_key: str = "noisy_mask", forget_rate: float = 0.3, num_gradual: int = 10,
+    def __init__(self, *, noisy_key: str = "noisy_mask", forget_rate: float | list[float] = 0.3,
+                 num_gradual: int = 10,
                  exponent: float = 1.0, selection: str = "pixel", coteach_plus: bool = False,
                  plus_start_epoch: int = 0, plus_min_disagreement: float = 0.1, inference: str = "average",
                  peer_arch: str | None = None,
@@ -70,8 +73,14 @@ class CoTeachingMixin:
         if not 0.0 <= float(plus_min_disagreement) <= 1.0:
             raise ValueError(f"plus_min_disagreement: expected a fraction in [0, 1], got {plus_min_disagreement}")
         coteaching_keep_ratio(0, forget_rate, num_gradual, exponent)  # validates the schedule
+        per_class = isinstance(forget_rate, (list, tuple))
+        if per_class and not class_balanced:
+            raise ValueError(f"forget_rate: one rate per class ({list(forget_rate)}) needs class_balanced=True")
         super().__init__(**kwargs)
         h = self.hparams
+        if per_class and len(forget_rate) != h.num_classes:
+            raise ValueError(f"forget_rate: expected one rate per class (num_classes={h.num_classes}), got "
+                             f"{len(forget_rate)}: {list(forget_rate)}")
         model_kwargs = dict(h.model_kwargs or {}) if peer_model_kwargs is None else dict(peer_model_kwargs)
         if h.cls_head:
             model_kwargs.setdefault("aux_params", {"classes": h.num_classes, "dropout": 0.0})
@@ -79,12 +88,14 @@ class CoTeachingMixin:
                                            encoder_weights=h.encoder_weights, in_channels=h.in_channels,
                                            classes=h.num_classes, **model_kwargs)
         replace_batchnorm(self.peer_model, h.norm)
-        self.keep_ratio: float | None = None  # set by ForgetRateSchedule; None = the mixin's own schedule
+        # set by ForgetRateSchedule (a float, or a tuple per class); None = the mixin's own schedule
+        self.keep_ratio: float | tuple[float, ...] | None = None
 
     # ------------------------------------------------------------------ schedule
-    def current_keep_ratio(self) -> float:
+    def current_keep_ratio(self) -> float | tuple[float, ...]:
         if self.keep_ratio is not None:
-            return float(self.keep_ratio)
+            r = self.keep_ratio
+            return tuple(float(v) for v in r) if isinstance(r, (list, tuple)) else float(r)
         h = self.hparams
         return coteaching_keep_ratio(self.current_epoch, h.forget_rate, h.num_gradual, h.exponent)
 

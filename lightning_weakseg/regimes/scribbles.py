@@ -20,23 +20,12 @@ import torch
 
 from ..losses.crf import gated_crf_loss
 from ..losses.partial import entropy_loss, partial_cross_entropy, total_variation_loss
-from ..module import WeakSegModule
+from ..module import WeakSegModule, on_subset
 
 IGNORE = 255
 SCRIBBLE_TERMS = ("pce", "crf", "entropy", "tv")
 
 __all__ = ["ScribbleMixin", "ScribbleSegModule", "SCRIBBLE_TERMS"]
-
-
-def _on_subset(fn, has: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-    """Per-sample values (B,) of ``fn`` evaluated only on the samples with ``has``; the others are exactly 0 and
-    receive no gradient (they are never in the graph of ``fn``)."""
-    b = has.shape[0]
-    if bool(has.all()):
-        return fn(*tensors)
-    idx = has.nonzero().squeeze(1)
-    vals = fn(*(t.index_select(0, idx) for t in tensors))
-    return vals.new_zeros(b).index_put((idx,), vals)
 
 
 class ScribbleMixin:
@@ -100,30 +89,30 @@ class ScribbleMixin:
         scribble = batch[key].to(logits.device)
         on = self.scribble_terms
         if "pce" in on:
-            pce = _on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
+            pce = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
                              has, logits, scribble)
             terms["scribble/pce"] = self.batch_mean(pce, has)
         if self.current_epoch >= self.scribble_reg_start_epoch:
             probs = out["probs"].float()
             if "crf" in on:
                 image = batch["image"].to(probs.device)
-                crf = _on_subset(lambda p, x: gated_crf_loss(p, x, reduction="none", **self.scribble_crf),
+                crf = on_subset(lambda p, x: gated_crf_loss(p, x, reduction="none", **self.scribble_crf),
                                  has, probs, image)
                 terms["scribble/crf"] = self.batch_mean(crf, has)
             if "entropy" in on:
                 if self.scribble_entropy_on == "unlabelled":
-                    ent = _on_subset(lambda p, y: entropy_loss(p, y == IGNORE, reduction="none"), has, probs, scribble)
+                    ent = on_subset(lambda p, y: entropy_loss(p, y == IGNORE, reduction="none"), has, probs, scribble)
                 else:
-                    ent = _on_subset(lambda p: entropy_loss(p, reduction="none"), has, probs)
+                    ent = on_subset(lambda p: entropy_loss(p, reduction="none"), has, probs)
                 terms["scribble/entropy"] = self.batch_mean(ent, has)
             if "tv" in on:
-                tv = _on_subset(lambda p: total_variation_loss(p, reduction="none"), has, probs)
+                tv = on_subset(lambda p: total_variation_loss(p, reduction="none"), has, probs)
                 terms["scribble/tv"] = self.batch_mean(tv, has)
         if self.scribble_self_training and "pseudo" in batch:
             both = has & batch["has_pseudo"].to(logits.device)
             if bool(both.any()):
                 pseudo = batch["pseudo"].to(logits.device)
-                pl = _on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
+                pl = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
                                 both, logits, pseudo)
                 terms["scribble/pseudo"] = self.batch_mean(pl, both)
         return terms

@@ -7,6 +7,9 @@ Terms (over the samples that carry ``tags``; samples without tags contribute exa
   per class (``tag_mil`` = max | mean | lse | topk | gem | attention, see
   :mod:`lightning_weakseg.losses.mil`), binary cross-entropy against the tags.
 * ``tags/cls`` — binary cross-entropy of SMP's classification head (``out["cls_logits"]``) against the tags.
+* ``tags/crf`` (``tag_crf=True``) — the gated CRF loss (:func:`~lightning_weakseg.losses.gated_crf_loss`) on the
+  softmax: MIL says *that* a class is in the image, not how far it extends; the CRF term pulls the extent to the
+  image's edges (as with scribbles).
 * ``tags/pseudo`` — cross-entropy with ignore against ``batch["pseudo"]``, the pseudo-masks written into the data
   set by :class:`~lightning_weakseg.callbacks.PseudoLabelRefresh`, which calls :meth:`make_pseudo_labels`.
 
@@ -24,8 +27,9 @@ from __future__ import annotations
 import torch
 
 from .. import cam as cam_methods
+from ..losses.crf import gated_crf_loss
 from ..losses.mil import POOLINGS, MILLoss, mil_loss
-from ..module import WeakSegModule, masked_cross_entropy
+from ..module import WeakSegModule, masked_cross_entropy, on_subset
 from ..pseudo.cam_refine import IGNORE, affinity_random_walk, cam_to_pseudo, crf_refine_cams
 
 __all__ = ["ImageLevelMixin", "TagSegModule", "CAM_METHODS"]
@@ -54,9 +58,11 @@ class ImageLevelMixin:
             (:func:`~lightning_weakseg.pseudo.cam_refine.crf_refine_cams`,
             :func:`~lightning_weakseg.pseudo.cam_refine.affinity_random_walk`).
         tag_fg_threshold, tag_bg_threshold: scores ≥ fg are foreground, < bg background, between: ignored (255).
+        tag_crf: add the ``tags/crf`` term (weight 0.1 by default, as ``scribble/crf``); ``tag_crf_kwargs`` its
+            options (``kernel_radius`` 5, ``sigma_xy`` 6, ``sigma_rgb`` 0.1, ``downscale`` 1).
     """
 
-    default_loss_weights = {"tags/mil": 1.0, "tags/cls": 1.0, "tags/pseudo": 1.0}
+    default_loss_weights = {"tags/mil": 1.0, "tags/cls": 1.0, "tags/pseudo": 1.0, "tags/crf": 0.1}
     # False: every sample with pseudo labels gets ``tags/pseudo`` (all samples carry tags in TagSegModule);
     # True (MixedSegModule): only the samples that carry tags, the others' pseudo labels belong to other mixins
     tag_pseudo_needs_tags = False
@@ -65,7 +71,8 @@ class ImageLevelMixin:
                  tag_background: bool = False, tag_pseudo_source: str = "cam", tag_cam: str = "GradCAM",
                  tag_cam_layer: str | None = None, tag_cam_kwargs: dict | None = None,
                  tag_refine: str = "random_walk", tag_refine_kwargs: dict | None = None,
-                 tag_fg_threshold: float = 0.4, tag_bg_threshold: float = 0.15, **kwargs):
+                 tag_fg_threshold: float = 0.4, tag_bg_threshold: float = 0.15, tag_crf: bool = False,
+                 tag_crf_kwargs: dict | None = None, **kwargs):
         if tag_mil is not None and tag_mil not in POOLINGS:
             raise ValueError(f"tag_mil: expected one of {POOLINGS} or None, got {tag_mil!r}")
         if tag_pseudo_source not in ("cam", "mil"):
@@ -89,6 +96,9 @@ class ImageLevelMixin:
         self.tag_cam_kwargs = dict(tag_cam_kwargs or {})
         self.tag_refine, self.tag_refine_kwargs = tag_refine, dict(tag_refine_kwargs or {})
         self.tag_fg_threshold, self.tag_bg_threshold = float(tag_fg_threshold), float(tag_bg_threshold)
+        self.tag_crf = bool(tag_crf)
+        self.tag_crf_kwargs = {"kernel_radius": 5, "sigma_xy": 6.0, "sigma_rgb": 0.1, "downscale": 1,
+                               **dict(tag_crf_kwargs or {})}
         # a module attribute, so that attention pooling's parameters are trained and checkpointed
         self.tag_mil_loss = (MILLoss(tag_mil, self.hparams.num_classes, background=self.tag_background,
                                      **dict(tag_mil_kwargs or {})) if tag_mil is not None else None)
@@ -106,6 +116,10 @@ class ImageLevelMixin:
             if self.tag_cls:
                 cls = mil_loss(out["cls_logits"].float(), tags, classes=self._tag_columns())
                 terms["tags/cls"] = self.batch_mean(cls, has)
+            if self.tag_crf:
+                crf = on_subset(lambda p, x: gated_crf_loss(p, x, reduction="none", **self.tag_crf_kwargs),
+                                has, out["probs"].float(), batch["image"].to(out["probs"].device))
+                terms["tags/crf"] = self.batch_mean(crf, has)
         if "pseudo" in batch and batch["has_pseudo"].any():
             which = batch["has_pseudo"]
             if self.tag_pseudo_needs_tags:  # mixed batches: other samples' pseudo labels belong to other terms
