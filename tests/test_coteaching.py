@@ -343,3 +343,44 @@ def test_per_class_forget_rates_in_the_mixin_and_the_schedule(monkeypatch):
     fresh.on_fit_start(None, module2)
     fresh.on_train_epoch_start(SimpleNamespace(current_epoch=2), module2)
     assert module2.keep_ratio == (pytest.approx(R_ref(2, 0.1, 3)), pytest.approx(R_ref(2, 0.6, 3)))
+
+
+# ----------------------------------------------------------------------------- peer relabelling
+def test_peer_relabel_losses_against_a_loop():
+    """Each network's relabel loss: Σ over labelled pixels its PEER rejected of −log p(peer's arg-max), / #labelled."""
+    torch.manual_seed(3)
+    b, k, h, w = 2, 3, 4, 5
+    la, lb = torch.randn(b, k, h, w, requires_grad=True), torch.randn(b, k, h, w, requires_grad=True)
+    labelled = torch.rand(b, h, w) > 0.2
+    sel_a, sel_b = (torch.rand(b, h, w) > 0.5) & labelled, (torch.rand(b, h, w) > 0.5) & labelled
+    got_a, got_b = ct.peer_relabel_losses(la, lb, sel_a, sel_b, labelled)
+    for got, me, peer, peer_sel in ((got_a, la, lb, sel_b), (got_b, lb, la, sel_a)):
+        total, n = 0.0, 0
+        for i in range(b):
+            for y in range(h):
+                for x in range(w):
+                    if not labelled[i, y, x]:
+                        continue
+                    n += 1
+                    if not peer_sel[i, y, x]:
+                        tgt = int(peer[i, :, y, x].argmax())
+                        total -= float(me.detach()[i, :, y, x].log_softmax(0)[tgt])
+        assert got.item() == pytest.approx(total / n, rel=1e-5)
+    got_a.backward()
+    assert lb.grad is None                                          # the peer's arg-max is a target, not a path
+    reach = la.grad.abs().sum(1) > 0
+    assert torch.equal(reach, labelled & ~sel_b)                    # only what the PEER rejected
+
+
+def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
+    model = tiny_module(forget_rate=0.3, num_gradual=2, class_balanced=True, relabel_rejected=True)
+    batch = noisy_batch()
+    model.train()
+    with pytest.raises(ValueError, match="selection='pixel'"):
+        tiny_module(selection="sample", relabel_rejected=True)
+    terms0 = model.loss_terms(batch, model(batch["image"]))         # epoch 0 < T_k: no relabel terms yet
+    assert "noisy/relabel_a" not in terms0
+    monkeypatch.setattr(type(model), "current_epoch", property(lambda self: 2))
+    terms = model.loss_terms(batch, model(batch["image"]))
+    assert {"noisy/relabel_a", "noisy/relabel_b"} <= set(terms)
+    assert terms["noisy/relabel_a"].item() > 0

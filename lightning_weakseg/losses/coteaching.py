@@ -23,6 +23,7 @@ __all__ = [
     "masked_mean",
     "coteaching_pair_loss",
     "coteaching_losses",
+    "peer_relabel_losses",
 ]
 
 
@@ -335,3 +336,36 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
     out = coteaching_pair_loss(per_a, per_b, keep_ratio, area > 0, group, method=method)
     out["candidates"] = area > 0
     return out
+
+
+def peer_relabel_losses(logits_a: Tensor, logits_b: Tensor, select_a: Tensor, select_b: Tensor, labelled: Tensor,
+                        group=None) -> tuple[Tensor, Tensor]:
+    r"""Peer relabelling of the rejected pixels: each network learns its peer's arg-max where the PEER's
+    small-loss selection dropped the noisy label.
+
+    .. math::
+        L^{rel}_a = \frac{1}{|\Lambda|} \sum_{i \in \Lambda \setminus S_b} -\log p^{(a)}_{i,\hat y^{(b)}_i},\qquad
+        \hat y^{(b)}_i = \arg\max_k z^{(b)}_{i,k}\ \text{(no gradient)}
+
+    (and symmetrically for b), Λ the labelled pixels, normalised over all ranks (:func:`masked_mean`). Selection
+    can only *drop* a wrong label — the pixels where noise lives (object borders, vanished objects) then get no
+    supervision at all, which bounds any selection method below clean training; this term gives them the peer's
+    answer instead, in the spirit of label correction with two networks (Co-Correcting, Liu et al. 2021).
+    Per pixel it weighs as much as a selected pixel does in the co-teaching term.
+
+    Args:
+        logits_a, logits_b: (B, K, H, W). select_a, select_b: (B, H, W) bool selections of
+            :func:`coteaching_losses`. labelled: (B, H, W) bool.
+
+    Returns:
+        (loss for network a, loss for network b), scalars.
+    """
+    if select_a.shape != labelled.shape or select_b.shape != labelled.shape:
+        raise ValueError("peer_relabel_losses: expected per-pixel selections shaped like the labelled mask "
+                         f"{tuple(labelled.shape)}, got {tuple(select_a.shape)} and {tuple(select_b.shape)}")
+    hat_a, hat_b = logits_a.detach().argmax(1), logits_b.detach().argmax(1)
+    ce_a = F.cross_entropy(logits_a.float(), hat_b, reduction="none")
+    ce_b = F.cross_entropy(logits_b.float(), hat_a, reduction="none")
+    rej_b, rej_a = labelled & ~select_b, labelled & ~select_a
+    return (masked_mean(ce_a * rej_b.to(ce_a.dtype), labelled, group),
+            masked_mean(ce_b * rej_a.to(ce_b.dtype), labelled, group))

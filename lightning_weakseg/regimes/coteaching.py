@@ -17,7 +17,7 @@ from typing import Any
 import segmentation_models_pytorch as smp
 import torch
 
-from ..losses.coteaching import coteaching_keep_ratio, coteaching_losses
+from ..losses.coteaching import coteaching_keep_ratio, coteaching_losses, peer_relabel_losses
 from ..module import WeakSegModule
 from ..nn import replace_batchnorm
 
@@ -51,9 +51,14 @@ class CoTeachingMixin:
         class_balanced: keep R(T) of the candidate pixels of each noisy-label class rather than of all pixels
             (pixel selection only): the plain rule drops the minority foreground first (see
             :func:`~lightning_weakseg.losses.coteaching_losses`).
+        relabel_rejected: pixel selection only: add ``noisy/relabel_a|b`` — each network learns its peer's
+            arg-max on the labelled pixels the peer's selection rejected
+            (:func:`~lightning_weakseg.losses.peer_relabel_losses`), from epoch ``relabel_start_epoch``
+            (``None``: ``num_gradual``, when the forget rate has reached τ).
     """
 
-    default_loss_weights = {"noisy/coteach_a": 1.0, "noisy/coteach_b": 1.0}
+    default_loss_weights = {"noisy/coteach_a": 1.0, "noisy/coteach_b": 1.0, "noisy/relabel_a": 1.0,
+                            "noisy/relabel_b": 1.0}
 
     def __init__(self, *, noisy_key: str = "noisy_mask", forget_rate: float | list[float] = 0.3,
                  num_gradual: int = 10,
@@ -61,13 +66,16 @@ class CoTeachingMixin:
                  plus_start_epoch: int = 0, plus_min_disagreement: float = 0.1, inference: str = "average",
                  peer_arch: str | None = None,
                  peer_encoder: str | None = None, peer_model_kwargs: dict[str, Any] | None = None,
-                 selection_method: str = "radix", class_balanced: bool = False, **kwargs):
+                 selection_method: str = "radix", class_balanced: bool = False, relabel_rejected: bool = False,
+                 relabel_start_epoch: int | None = None, **kwargs):
         if selection not in ("pixel", "sample"):
             raise ValueError(f"selection: expected 'pixel' or 'sample', got {selection!r}")
         if inference not in ("average", "a", "b"):
             raise ValueError(f"inference: expected 'average', 'a' or 'b', got {inference!r}")
         if class_balanced and selection != "pixel":
             raise ValueError("class_balanced=True needs selection='pixel'")
+        if relabel_rejected and selection != "pixel":
+            raise ValueError("relabel_rejected=True needs selection='pixel'")
         if selection_method not in ("radix", "gather"):
             raise ValueError(f"selection_method: expected 'radix' or 'gather', got {selection_method!r}")
         if not 0.0 <= float(plus_min_disagreement) <= 1.0:
@@ -142,6 +150,12 @@ class CoTeachingMixin:
                                 min_disagreement=float(h.get("plus_min_disagreement", 0.0)) if plus else 0.0)
         terms["noisy/coteach_a"] = res["loss_a"]
         terms["noisy/coteach_b"] = res["loss_b"]
+        if h.get("relabel_rejected", False):
+            start = h.get("relabel_start_epoch")
+            if self.current_epoch >= (h.num_gradual if start is None else start):
+                labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
+                terms["noisy/relabel_a"], terms["noisy/relabel_b"] = peer_relabel_losses(
+                    logits_a, logits_b, res["select_a"], res["select_b"], labelled)
         if self._trainer is not None:
             bs = logits_a.shape[0]
             cand = res["candidates"].sum().clamp_min(1)
