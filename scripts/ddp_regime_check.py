@@ -64,6 +64,11 @@ CASES: dict[str, dict] = {
     "coteaching": dict(module="lightning_weakseg.regimes:CoTeachingSegModule", kind="organ", labels=["noisy_mask"],
                        kwargs={"forget_rate": 0.5, "num_gradual": 1},
                        callbacks=[(f"{CB}:ForgetRateSchedule", {})]),
+    # one forget rate per class (class-balanced selection) and the peer-relabelling terms from the first epoch
+    "coteaching_pc": dict(module="lightning_weakseg.regimes:CoTeachingSegModule", kind="organ", labels=["noisy_mask"],
+                          kwargs={"forget_rate": [0.1, 0.5, 0.4, 0.3], "num_gradual": 1, "class_balanced": True,
+                                  "relabel_rejected": True, "relabel_start_epoch": 0},
+                          callbacks=[(f"{CB}:ForgetRateSchedule", {})]),
     "robust": dict(module="lightning_weakseg.regimes:RobustSegModule", kind="organ", labels=["noisy_mask"],
                    kwargs={"robust_loss": "sce"}),
     "scribbles": dict(module="lightning_weakseg.regimes:ScribbleSegModule", kind="organ", labels=["scribble"],

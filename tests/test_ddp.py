@@ -29,6 +29,7 @@ REGIMES = [
     "boxes",
     "points",
     "coteaching",
+    "coteaching_pc",
     "robust",
     "scribbles",
     "mixed",
@@ -133,6 +134,10 @@ def test_regime_ddp_equals_one_process(runs, regime):
     if regime == "coteaching":
         assert 0 < facts["kept"] < facts["candidates"]  # a real selection, not all or nothing
         assert cbs["ForgetRateSchedule"]["keep_ratio"] == 0.5
+    if regime == "coteaching_pc":
+        assert 0 < facts["kept"] < facts["candidates"]
+        assert cbs["ForgetRateSchedule"]["keep_ratio"] == pytest.approx([0.9, 0.5, 0.6, 0.7])
+        assert all("noisy/relabel_a" in step["terms"] for step in one["records"][0]["records"])
     if "PseudoLabelRefresh" in cbs:  # points, scribbles, mixed, tags: two rounds of real labels, gathered
         state = cbs["PseudoLabelRefresh"]
         assert state["round"] == 2 and state["labels"].shape[0] == one["records"][0]["train_size"]
