@@ -43,7 +43,7 @@ def coteaching_keep_ratio(epoch: int | float, forget_rate: float | Sequence[floa
         >>> coteaching_keep_ratio(1, [0.0, 0.4], num_gradual=2)
         (1.0, 0.8)
     """
-    if isinstance(forget_rate, (list, tuple)) or (isinstance(forget_rate, Tensor) and forget_rate.dim() == 1):
+    if isinstance(forget_rate, (list, tuple)):
         if len(forget_rate) == 0:
             raise ValueError("coteaching_keep_ratio: expected at least one forget rate, got an empty sequence")
         return tuple(coteaching_keep_ratio(epoch, float(t), num_gradual, exponent) for t in forget_rate)

@@ -90,14 +90,14 @@ class ScribbleMixin:
         on = self.scribble_terms
         if "pce" in on:
             pce = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
-                             has, logits, scribble)
+                            has, logits, scribble)
             terms["scribble/pce"] = self.batch_mean(pce, has)
         if self.current_epoch >= self.scribble_reg_start_epoch:
             probs = out["probs"].float()
             if "crf" in on:
                 image = batch["image"].to(probs.device)
                 crf = on_subset(lambda p, x: gated_crf_loss(p, x, reduction="none", **self.scribble_crf),
-                                 has, probs, image)
+                                has, probs, image)
                 terms["scribble/crf"] = self.batch_mean(crf, has)
             if "entropy" in on:
                 if self.scribble_entropy_on == "unlabelled":
@@ -113,7 +113,7 @@ class ScribbleMixin:
             if bool(both.any()):
                 pseudo = batch["pseudo"].to(logits.device)
                 pl = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
-                                both, logits, pseudo)
+                               both, logits, pseudo)
                 terms["scribble/pseudo"] = self.batch_mean(pl, both)
         return terms
 
