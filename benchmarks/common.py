@@ -267,6 +267,12 @@ REGIMES["tags_mil_topk20"] = Regime(_TAGS, ("tags",), pseudo_eval=True,
 REGIMES["tags_mil_crf"] = Regime(_TAGS, ("tags",), pseudo_eval=True,
                                  model_kwargs={"tag_mil": "lse", "tag_cls": False, "tag_crf": True,
                                                "tag_pseudo_source": "mil", "tag_refine": "none"})
+# MIL + size bounds (session 6; Kervadec et al. 2019, tags + a size prior under the log-barrier): a tagged 64-px
+# Kvasir tile is 0.014 to 0.51 polyp (10th / 90th percentiles over the 2971 tagged tiles of all 998 masks at
+# 128 px: a prior an annotator could state, not tuned on the validation Dice)
+REGIMES["tags_mil_size"] = Regime(_TAGS, ("tags",), pseudo_eval=True, callbacks=_BARRIER,
+                                  model_kwargs={"tag_mil": "lse", "tag_cls": False, "tag_size_bounds": (0.014, 0.51),
+                                                "tag_pseudo_source": "mil", "tag_refine": "none"})
 REGIMES["tags_cam"] = Regime(_TAGS, ("tags",), callbacks=_REFRESH, pseudo_eval=True, pseudo_variants=_VARIANTS,
                              model_kwargs={"tag_mil": "lse", "tag_cam": "GradCAM", "tag_cam_layer": "model.encoder.layer3",
                                            "tag_refine": "none"})
@@ -296,75 +302,11 @@ REGIMES["boxes_x10_s60"] = Regime(_BOX, ("boxes",), model_kwargs={"loss_weights"
                                                                                    "box/size": 10.0},
                                                                   "box_size_bounds": (0.6, 0.9)}, callbacks=_BARRIER)
 
-# noisy-mask variants (issue 6). At noise rate 0.5 the simulated masks have ~7 % wrong pixels (11 % of the
-# noisy foreground, 5.5 % of the noisy background; 64-px Kvasir, benchmarks/noise_stats.py) and
-# 20 % of the images lost their polyp (drop probability 0.4 x rate): the forget rate follows those numbers,
-# and the ramp T_k is a quarter of a 20-epoch run (the paper: 10 of 200 epochs)
-_COTEACH = "lightning_weakseg.regimes.coteaching:CoTeachingSegModule"
-_FORGET = [("lightning_weakseg.callbacks:ForgetRateSchedule", {})]
-_NOISY = {"mask_key": "noisy_mask", "loss_weights": {"seg/ce": 0.0}, "num_gradual": 5}
-REGIMES["coteaching_bal"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                   model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True})
-REGIMES["coteaching_sample"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                      model_kwargs={**_NOISY, "forget_rate": 0.2, "selection": "sample"})
-REGIMES["coteaching_plus_bal"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                        model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
-                                                      "coteach_plus": True, "plus_min_disagreement": 0.0})
-# co-teaching+ from epoch 0 collapsed (the two random networks soon agree on "background" everywhere, so no
-# foreground pixel stays a candidate); the authors start the disagreement rule after a warm-up
-REGIMES["coteaching_plus_bal_w5"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                           model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
-                                                         "coteach_plus": True, "plus_start_epoch": 5,
-                                                         "plus_min_disagreement": 0.0})
-# the fix (session 4): a class whose disagreement pixels are < 10 % of its labelled pixels uses plain co-teaching
-REGIMES["coteaching_plus_fb"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                       model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
-                                                     "coteach_plus": True, "plus_min_disagreement": 0.1})
-# a larger forget rate (ACDC at 64 px: 15 % / 28 % of the noisy foreground is wrong at rates 0.3 / 0.5) and an
-# earlier ramp (T_k = 2: drop before the networks memorise)
-REGIMES["coteaching_bal_t20"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                       model_kwargs={**_NOISY, "forget_rate": 0.2, "class_balanced": True})
-REGIMES["coteaching_bal_k2"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                      model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
-                                                    "num_gradual": 2})
-REGIMES["coteaching_plus_fb_t20"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                           model_kwargs={**_NOISY, "forget_rate": 0.2, "class_balanced": True,
-                                                         "coteach_plus": True, "plus_min_disagreement": 0.1})
+# noisy-mask variants (issue 6): benchmarks/noisy_regimes.py
+from noisy_regimes import noisy_regimes  # noqa: E402 - needs Regime above
 
-# the same, validated with the main network alone (the default averages the two networks' softmaxes: an ensemble of
-# two, which single-network baselines do not get)
-REGIMES["coteaching_bal_a"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                     model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
-                                                   "inference": "a"})
-# peer relabelling (session 5): selection only drops labels — even dropping exactly the wrong pixels (oracle_selection)
-# reaches only 0.84 / 0.71 (Kvasir, seeds 0 / 1) and 0.82 (ACDC) of clean at rate 0.5, since the borders and vanished
-# objects then get no label at all; here the rejected pixels learn the peer's arg-max from epoch T_k
-REGIMES["coteaching_bal_relabel"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                           model_kwargs={**_NOISY, "forget_rate": 0.1, "class_balanced": True,
-                                                         "relabel_rejected": True})
-REGIMES["coteaching_bal_t20_relabel"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                               model_kwargs={**_NOISY, "forget_rate": 0.2, "class_balanced": True,
-                                                             "relabel_rejected": True})
-# one forget rate per class (session 5): τ_c = the fraction of wrong labels among the pixels the simulator labels c,
-# pooled over 400 masks at 64 px (python benchmarks/noise_stats.py --data ../shared/data --dataset D --n 400).
-# A single τ drops correct background (1 % wrong on ACDC at 0.5) and keeps wrong foreground (25-33 % wrong).
-_PER_CLASS_TAU = {("kvasir", 0.5): [0.064, 0.199], ("kvasir", 0.3): [0.039, 0.109],
-                  ("acdc", 0.5): [0.012, 0.245, 0.332, 0.234], ("acdc", 0.3): [0.006, 0.137, 0.182, 0.110]}
-for (_ds, _rate), _tau in _PER_CLASS_TAU.items():
-    REGIMES[f"coteaching_pc_{_ds}{int(_rate * 100)}"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                                               model_kwargs={**_NOISY, "forget_rate": _tau,
-                                                                             "class_balanced": True})
+REGIMES.update(noisy_regimes(Regime))
 
-# a perfect noise detector whose detections are ignored (not a method: it reads the clean mask): CE on the noisy
-# mask without its wrong pixels (benchmarks/oracle.py)
-REGIMES["oracle_selection"] = Regime("oracle:OracleSelectionSegModule", ("mask", "noisy_mask"),
-                                     model_kwargs={"mask_key": "noisy_mask"})
-
-# Kvasir: the measured background rate with the polyp's τ kept at one-τ's 0.1 (the measured 0.199 drops too much of
-# the rare class)
-REGIMES["coteaching_pc_kvasir50_fg10"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
-                                                model_kwargs={**_NOISY, "forget_rate": [0.064, 0.1],
-                                                              "class_balanced": True})
 
 # points (issue 4). The cluster-label lengths of Qu et al. (erosion 7, dilation 5, margins 10, min size 30 px) are
 # for 40x histology with nuclei of radius ~9 px; DSB2018 resized to 128 px has a median nucleus radius of 3.1 px, so

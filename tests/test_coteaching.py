@@ -346,30 +346,39 @@ def test_per_class_forget_rates_in_the_mixin_and_the_schedule(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- peer relabelling
-def test_peer_relabel_losses_against_a_loop():
-    """Each network's relabel loss: Σ over labelled pixels its PEER rejected of −log p(peer's arg-max), / #labelled."""
+@pytest.mark.parametrize("relabel_to", ["any", "foreground"])
+def test_peer_relabel_losses_against_a_loop(relabel_to):
+    """Each network's relabel loss: Σ over labelled pixels its PEER rejected (and, with "foreground", where the peer's
+    arg-max is not class 0) of −log p(peer's arg-max), / #labelled."""
     torch.manual_seed(3)
     b, k, h, w = 2, 3, 4, 5
     la, lb = torch.randn(b, k, h, w, requires_grad=True), torch.randn(b, k, h, w, requires_grad=True)
     labelled = torch.rand(b, h, w) > 0.2
     sel_a, sel_b = (torch.rand(b, h, w) > 0.5) & labelled, (torch.rand(b, h, w) > 0.5) & labelled
-    got_a, got_b = ct.peer_relabel_losses(la, lb, sel_a, sel_b, labelled)
+    got_a, got_b = ct.peer_relabel_losses(la, lb, sel_a, sel_b, labelled, relabel_to=relabel_to)
     for got, me, peer, peer_sel in ((got_a, la, lb, sel_b), (got_b, lb, la, sel_a)):
-        total, n = 0.0, 0
+        total, n, taught = 0.0, 0, torch.zeros(b, h, w, dtype=torch.bool)
         for i in range(b):
             for y in range(h):
                 for x in range(w):
                     if not labelled[i, y, x]:
                         continue
                     n += 1
-                    if not peer_sel[i, y, x]:
-                        tgt = int(peer[i, :, y, x].argmax())
+                    tgt = int(peer[i, :, y, x].argmax())
+                    if not peer_sel[i, y, x] and (relabel_to == "any" or tgt != 0):
+                        taught[i, y, x] = True
                         total -= float(me.detach()[i, :, y, x].log_softmax(0)[tgt])
         assert got.item() == pytest.approx(total / n, rel=1e-5)
+        if me is la:
+            taught_a = taught
+    if relabel_to == "foreground":
+        assert 0 < taught_a.sum() < (labelled & ~sel_b).sum()      # the restriction removed some pixels, not all
     got_a.backward()
     assert lb.grad is None                                          # the peer's arg-max is a target, not a path
     reach = la.grad.abs().sum(1) > 0
-    assert torch.equal(reach, labelled & ~sel_b)                    # only what the PEER rejected
+    assert torch.equal(reach, taught_a)                             # only what the PEER rejected (and may teach)
+    with pytest.raises(ValueError, match="relabel_to"):
+        ct.peer_relabel_losses(la, lb, sel_a, sel_b, labelled, relabel_to="background")
 
 
 def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
@@ -384,3 +393,22 @@ def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
     terms = model.loss_terms(batch, model(batch["image"]))
     assert {"noisy/relabel_a", "noisy/relabel_b"} <= set(terms)
     assert terms["noisy/relabel_a"].item() > 0
+    # relabel_to reaches the loss: the mixin's term equals the function's on the same outputs and selections
+    fg = tiny_module(forget_rate=0.3, num_gradual=2, class_balanced=True, relabel_rejected=True,
+                     relabel_to="foreground")
+    fg.load_state_dict(model.state_dict())
+    fg.train()
+    monkeypatch.setattr(type(fg), "current_epoch", property(lambda self: 2))
+    torch.manual_seed(0)
+    out = fg(batch["image"])
+    terms_fg = fg.loss_terms(batch, out)
+    res = ct.coteaching_losses(out["logits_a"], out["logits_b"], batch["noisy_mask"], batch["has_noisy_mask"],
+                               fg.current_keep_ratio(), balance=True)
+    labelled = (batch["noisy_mask"] != 255) & batch["has_noisy_mask"].view(-1, 1, 1)
+    ref = ct.peer_relabel_losses(out["logits_a"], out["logits_b"], res["select_a"], res["select_b"], labelled,
+                                 relabel_to="foreground")
+    assert terms_fg["noisy/relabel_a"].item() == pytest.approx(ref[0].item(), rel=1e-6)
+    ref_any = ct.peer_relabel_losses(out["logits_a"], out["logits_b"], res["select_a"], res["select_b"], labelled)
+    assert ref_any[0].item() > ref[0].item() * 1.01                  # the restriction matters on this batch
+    with pytest.raises(ValueError, match="relabel_to"):
+        tiny_module(relabel_rejected=True, relabel_to="bg")

@@ -120,6 +120,35 @@ def test_crf_term_is_the_gated_crf_loss_of_the_tagged_samples():
     assert out["logits"].grad[1].abs().max() == 0 and out["logits"].grad[0].abs().max() > 0
 
 
+def slow_log_barrier(z, t):
+    if z <= -1 / t ** 2:
+        return -math.log(-z) / t
+    return t * z - math.log(1 / t ** 2) / t + 1 / t
+
+
+@pytest.mark.parametrize("t", [1.0, 5.0])
+def test_size_term_is_the_log_barrier_on_the_tagged_classes_sizes(t):
+    """tags/size = mean over the batch (untagged samples count 0) of (1/N) Σ_{tagged c ≥ 1} ψ_t(aN − S_c) +
+    ψ_t(S_c − bN), S_c = Σ_pixels p_c — from a loop over samples, classes and pixels."""
+    model = module(tag_mil=None, tag_cls=False, tag_pseudo_source="mil", tag_size_bounds=(0.2, 0.3))
+    model.barrier_t = t                                           # what LogBarrierSchedule sets each epoch
+    out, batch = fake()
+    terms = model.loss_terms(batch, out)
+    assert set(terms) == {"tags/size"}
+    p, n = out["probs"].detach(), 36
+    want = 0.0
+    for i in (0, 2):                                              # sample 1 has no tags
+        for c in range(1, K):
+            if batch["tags"][i, c] > 0.5:
+                s_c = sum(float(p[i, c, y, x]) for y in range(6) for x in range(6))
+                want += (slow_log_barrier(0.2 * n - s_c, t) + slow_log_barrier(s_c - 0.3 * n, t)) / n
+    assert terms["tags/size"].item() == pytest.approx(want / 3, rel=1e-5)
+    terms["tags/size"].backward()
+    assert out["logits"].grad[1].abs().max() == 0 and out["logits"].grad[0].abs().max() > 0
+    with pytest.raises(ValueError, match="tag_size_bounds"):
+        module(tag_size_bounds=(0.5, 0.2))
+
+
 def test_untagged_samples_contribute_nothing():
     model = module(tag_mil="lse", tag_cls=True)
     out, batch = fake()

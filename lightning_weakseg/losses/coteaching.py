@@ -339,7 +339,7 @@ def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: T
 
 
 def peer_relabel_losses(logits_a: Tensor, logits_b: Tensor, select_a: Tensor, select_b: Tensor, labelled: Tensor,
-                        group=None) -> tuple[Tensor, Tensor]:
+                        group=None, relabel_to: str = "any") -> tuple[Tensor, Tensor]:
     r"""Peer relabelling of the rejected pixels: each network learns its peer's arg-max where the PEER's
     small-loss selection dropped the noisy label.
 
@@ -353,9 +353,17 @@ def peer_relabel_losses(logits_a: Tensor, logits_b: Tensor, select_a: Tensor, se
     answer instead, in the spirit of label correction with two networks (Co-Correcting, Liu et al. 2021).
     Per pixel it weighs as much as a selected pixel does in the co-teaching term.
 
+    With ``relabel_to="foreground"`` only rejected pixels whose peer arg-max is a foreground class (≠ 0) are
+    relabelled; where the peer says background the pixel stays unsupervised, as in plain co-teaching. Noise that
+    hides an object (a vanished or eroded structure, labelled background) is then corrected, while the failure of
+    the unrestricted rule — both networks agree on background for a rare class early on, and the term teaches
+    that agreement until the class is gone — cannot happen (dilated labels, wrongly foreground, are dropped by the
+    selection as before).
+
     Args:
         logits_a, logits_b: (B, K, H, W). select_a, select_b: (B, H, W) bool selections of
             :func:`coteaching_losses`. labelled: (B, H, W) bool.
+        relabel_to: ``"any"`` (every class) or ``"foreground"`` (classes ≥ 1).
 
     Returns:
         (loss for network a, loss for network b), scalars.
@@ -363,9 +371,13 @@ def peer_relabel_losses(logits_a: Tensor, logits_b: Tensor, select_a: Tensor, se
     if select_a.shape != labelled.shape or select_b.shape != labelled.shape:
         raise ValueError("peer_relabel_losses: expected per-pixel selections shaped like the labelled mask "
                          f"{tuple(labelled.shape)}, got {tuple(select_a.shape)} and {tuple(select_b.shape)}")
+    if relabel_to not in ("any", "foreground"):
+        raise ValueError(f"relabel_to: expected 'any' or 'foreground', got {relabel_to!r}")
     hat_a, hat_b = logits_a.detach().argmax(1), logits_b.detach().argmax(1)
     ce_a = F.cross_entropy(logits_a.float(), hat_b, reduction="none")
     ce_b = F.cross_entropy(logits_b.float(), hat_a, reduction="none")
     rej_b, rej_a = labelled & ~select_b, labelled & ~select_a
+    if relabel_to == "foreground":
+        rej_b, rej_a = rej_b & (hat_b != 0), rej_a & (hat_a != 0)
     return (masked_mean(ce_a * rej_b.to(ce_a.dtype), labelled, group),
             masked_mean(ce_b * rej_a.to(ce_b.dtype), labelled, group))

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .log_barrier import log_barrier, quadratic_penalty
+
 __all__ = ["mil_max", "mil_mean", "mil_lse", "mil_topk", "mil_gem", "mil_pool", "softmax_log_odds", "mil_loss",
-           "AttentionMIL", "MILPool", "MILLoss", "POOLINGS"]
+           "tag_size_constraint", "AttentionMIL", "MILPool", "MILLoss", "POOLINGS"]
 
 POOLINGS = ("max", "mean", "lse", "topk", "gem", "attention")
 
@@ -198,6 +200,46 @@ def mil_loss(image_scores: Tensor, tags: Tensor, *, probabilities: bool = False,
     if reduction == "mean":
         return per_sample.mean()
     raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+
+
+def tag_size_constraint(probs: Tensor, tags: Tensor, t: float | Tensor, a: float, b: float,
+                        penalty: str = "log_barrier") -> Tensor:
+    r"""Size bounds for the classes an image is tagged with (Kervadec et al., "Constrained-CNN losses for weakly
+    supervised segmentation", MedIA 2019): :math:`a N \le \sum_i p_{ic} \le b N` for every tagged foreground
+    class c, N the pixel count, as two penalised constraints divided by N:
+
+    .. math::  L_b = \frac{1}{N}\sum_{c \ge 1,\, t_{bc}=1} \psi_t\big(aN - \textstyle\sum_i p_{ic}\big)
+               + \psi_t\big(\textstyle\sum_i p_{ic} - bN\big)
+
+    (ψ_t the log-barrier extension, or ``max(0, z)²`` with ``penalty="quadratic"``). MIL says *that* a class is
+    present; the bounds say roughly how much of it, which stops both a single confident pixel (too small) and
+    a class flooding the image (too large). Untagged classes are left to the MIL term.
+
+    Args:
+        probs: softmax probabilities (B, K, *spatial). tags: multi-hot (B, K); column 0 (background) is ignored.
+        t: barrier parameter. a, b: bounds as fractions of the image, 0 <= a <= b <= 1.
+
+    Returns:
+        per-sample losses (B,).
+
+    Example:
+        >>> p = torch.tensor([[[[0.9, 0.9], [0.9, 0.9]], [[0.1, 0.1], [0.1, 0.1]]]])   # class 1: 0.4 of N = 4
+        >>> tag_size_constraint(p, torch.tensor([[1.0, 1.0]]), 1.0, 0.2, 0.5, penalty="quadratic")  # (0.8-0.4)²/4
+        tensor([0.0400])
+    """
+    if probs.ndim < 3 or tags.shape != probs.shape[:2]:
+        raise ValueError(f"tag_size_constraint: expected probs (B, K, *spatial) and tags (B, K), got "
+                         f"{tuple(probs.shape)} and {tuple(tags.shape)}")
+    if not 0.0 <= a <= b <= 1.0:
+        raise ValueError(f"tag_size_constraint: expected 0 <= a <= b <= 1, got a={a}, b={b}")
+    if penalty not in ("log_barrier", "quadratic"):
+        raise ValueError(f"penalty: expected 'log_barrier' or 'quadratic', got {penalty!r}")
+    n = probs[0, 0].numel()
+    size = probs.flatten(2).sum(2)[:, 1:]                                   # (B, K-1) soft pixel counts
+    z = torch.stack([a * n - size, size - b * n], -1)
+    pen = log_barrier(z, t) if penalty == "log_barrier" else quadratic_penalty(z)
+    tagged = (tags[:, 1:] > 0.5).to(pen.dtype)
+    return (pen.sum(-1) * tagged).sum(1) / n
 
 
 class MILPool(nn.Module):

@@ -55,6 +55,8 @@ class CoTeachingMixin:
             arg-max on the labelled pixels the peer's selection rejected
             (:func:`~lightning_weakseg.losses.peer_relabel_losses`), from epoch ``relabel_start_epoch``
             (``None``: ``num_gradual``, when the forget rate has reached τ).
+        relabel_to: ``"any"`` (the peer's arg-max whatever its class) or ``"foreground"`` (only where the peer
+            predicts a class ≥ 1: recovers objects the noisy mask lost, cannot teach a class away).
     """
 
     default_loss_weights = {"noisy/coteach_a": 1.0, "noisy/coteach_b": 1.0, "noisy/relabel_a": 1.0,
@@ -67,7 +69,7 @@ class CoTeachingMixin:
                  peer_arch: str | None = None,
                  peer_encoder: str | None = None, peer_model_kwargs: dict[str, Any] | None = None,
                  selection_method: str = "radix", class_balanced: bool = False, relabel_rejected: bool = False,
-                 relabel_start_epoch: int | None = None, **kwargs):
+                 relabel_start_epoch: int | None = None, relabel_to: str = "any", **kwargs):
         if selection not in ("pixel", "sample"):
             raise ValueError(f"selection: expected 'pixel' or 'sample', got {selection!r}")
         if inference not in ("average", "a", "b"):
@@ -76,6 +78,8 @@ class CoTeachingMixin:
             raise ValueError("class_balanced=True needs selection='pixel'")
         if relabel_rejected and selection != "pixel":
             raise ValueError("relabel_rejected=True needs selection='pixel'")
+        if relabel_to not in ("any", "foreground"):
+            raise ValueError(f"relabel_to: expected 'any' or 'foreground', got {relabel_to!r}")
         if selection_method not in ("radix", "gather"):
             raise ValueError(f"selection_method: expected 'radix' or 'gather', got {selection_method!r}")
         if not 0.0 <= float(plus_min_disagreement) <= 1.0:
@@ -155,7 +159,8 @@ class CoTeachingMixin:
             if self.current_epoch >= (h.num_gradual if start is None else start):
                 labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
                 terms["noisy/relabel_a"], terms["noisy/relabel_b"] = peer_relabel_losses(
-                    logits_a, logits_b, res["select_a"], res["select_b"], labelled)
+                    logits_a, logits_b, res["select_a"], res["select_b"], labelled,
+                    relabel_to=h.get("relabel_to", "any"))
         if self._trainer is not None:
             bs = logits_a.shape[0]
             cand = res["candidates"].sum().clamp_min(1)

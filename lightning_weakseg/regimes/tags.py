@@ -10,6 +10,9 @@ Terms (over the samples that carry ``tags``; samples without tags contribute exa
 * ``tags/crf`` (``tag_crf=True``) — the gated CRF loss (:func:`~lightning_weakseg.losses.gated_crf_loss`) on the
   softmax: MIL says *that* a class is in the image, not how far it extends; the CRF term pulls the extent to the
   image's edges (as with scribbles).
+* ``tags/size`` (``tag_size_bounds=(a, b)``) — each tagged foreground class fills between a and b of the image
+  (:func:`~lightning_weakseg.losses.tag_size_constraint`, log-barrier penalty with t from ``self.barrier_t``,
+  which :class:`~lightning_weakseg.callbacks.LogBarrierSchedule` grows each epoch; Kervadec et al. 2019).
 * ``tags/pseudo`` — cross-entropy with ignore against ``batch["pseudo"]``, the pseudo-masks written into the data
   set by :class:`~lightning_weakseg.callbacks.PseudoLabelRefresh`, which calls :meth:`make_pseudo_labels`.
 
@@ -28,7 +31,7 @@ import torch
 
 from .. import cam as cam_methods
 from ..losses.crf import gated_crf_loss
-from ..losses.mil import POOLINGS, MILLoss, mil_loss
+from ..losses.mil import POOLINGS, MILLoss, mil_loss, tag_size_constraint
 from ..module import WeakSegModule, masked_cross_entropy, on_subset
 from ..pseudo.cam_refine import IGNORE, affinity_random_walk, cam_to_pseudo, crf_refine_cams
 
@@ -60,9 +63,11 @@ class ImageLevelMixin:
         tag_fg_threshold, tag_bg_threshold: scores ≥ fg are foreground, < bg background, between: ignored (255).
         tag_crf: add the ``tags/crf`` term (weight 0.1 by default, as ``scribble/crf``); ``tag_crf_kwargs`` its
             options (``kernel_radius`` 5, ``sigma_xy`` 6, ``sigma_rgb`` 0.1, ``downscale`` 1).
+        tag_size_bounds: ``(a, b)`` fractions of the image that a tagged foreground class fills (``tags/size``),
+            or ``None`` (no size term). ``tag_t0``: the barrier t when no schedule sets ``barrier_t``.
     """
 
-    default_loss_weights = {"tags/mil": 1.0, "tags/cls": 1.0, "tags/pseudo": 1.0, "tags/crf": 0.1}
+    default_loss_weights = {"tags/mil": 1.0, "tags/cls": 1.0, "tags/pseudo": 1.0, "tags/crf": 0.1, "tags/size": 1.0}
     # False: every sample with pseudo labels gets ``tags/pseudo`` (all samples carry tags in TagSegModule);
     # True (MixedSegModule): only the samples that carry tags, the others' pseudo labels belong to other mixins
     tag_pseudo_needs_tags = False
@@ -72,7 +77,8 @@ class ImageLevelMixin:
                  tag_cam_layer: str | None = None, tag_cam_kwargs: dict | None = None,
                  tag_refine: str = "random_walk", tag_refine_kwargs: dict | None = None,
                  tag_fg_threshold: float = 0.4, tag_bg_threshold: float = 0.15, tag_crf: bool = False,
-                 tag_crf_kwargs: dict | None = None, **kwargs):
+                 tag_crf_kwargs: dict | None = None, tag_size_bounds: tuple[float, float] | None = None,
+                 tag_t0: float = 5.0, **kwargs):
         if tag_mil is not None and tag_mil not in POOLINGS:
             raise ValueError(f"tag_mil: expected one of {POOLINGS} or None, got {tag_mil!r}")
         if tag_pseudo_source not in ("cam", "mil"):
@@ -84,6 +90,11 @@ class ImageLevelMixin:
         if not 0.0 <= tag_bg_threshold <= tag_fg_threshold <= 1.0:
             raise ValueError(f"expected 0 <= tag_bg_threshold <= tag_fg_threshold <= 1, got "
                              f"{tag_bg_threshold}, {tag_fg_threshold}")
+        if tag_size_bounds is not None:
+            a, b = (float(v) for v in tag_size_bounds)
+            if not 0.0 <= a <= b <= 1.0:
+                raise ValueError(f"tag_size_bounds: expected fractions 0 <= a <= b <= 1, got {tag_size_bounds}")
+            tag_size_bounds = (a, b)
         if tag_pseudo_source == "cam" and not tag_cls:
             raise ValueError("tag_pseudo_source='cam' needs the classification head: set tag_cls=True "
                              "(or use tag_pseudo_source='mil')")
@@ -97,6 +108,9 @@ class ImageLevelMixin:
         self.tag_refine, self.tag_refine_kwargs = tag_refine, dict(tag_refine_kwargs or {})
         self.tag_fg_threshold, self.tag_bg_threshold = float(tag_fg_threshold), float(tag_bg_threshold)
         self.tag_crf = bool(tag_crf)
+        self.tag_size_bounds = tag_size_bounds
+        if not hasattr(self, "barrier_t"):  # the box mixin (mixed modules) may own it already: one schedule for both
+            self.barrier_t = float(tag_t0)
         self.tag_crf_kwargs = {"kernel_radius": 5, "sigma_xy": 6.0, "sigma_rgb": 0.1, "downscale": 1,
                                **dict(tag_crf_kwargs or {})}
         # a module attribute, so that attention pooling's parameters are trained and checkpointed
@@ -120,6 +134,9 @@ class ImageLevelMixin:
                 crf = on_subset(lambda p, x: gated_crf_loss(p, x, reduction="none", **self.tag_crf_kwargs),
                                 has, out["probs"].float(), batch["image"].to(out["probs"].device))
                 terms["tags/crf"] = self.batch_mean(crf, has)
+            if self.tag_size_bounds is not None:
+                size = tag_size_constraint(out["probs"].float(), tags, self.barrier_t, *self.tag_size_bounds)
+                terms["tags/size"] = self.batch_mean(size, has)
         if "pseudo" in batch and batch["has_pseudo"].any():
             which = batch["has_pseudo"]
             if self.tag_pseudo_needs_tags:  # mixed batches: other samples' pseudo labels belong to other terms
