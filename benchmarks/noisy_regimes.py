@@ -90,4 +90,12 @@ def noisy_regimes(Regime) -> dict:  # noqa: N803 - the dataclass from common.py 
         REGIMES[f"coteaching_pc_kvasir50_bg{int(_bg * 100)}"] = Regime(
             _COTEACH, ("noisy_mask",), callbacks=_FORGET,
             model_kwargs={**_NOISY, "forget_rate": [_bg, 0.1], "class_balanced": True})
+    # ACDC: the same question — a background τ above its measured 0.012, the structures at their measured rates
+    for _bg in (0.05, 0.1):
+        REGIMES[f"coteaching_pc_acdc50_bg{int(_bg * 100):02d}"] = Regime(
+            _COTEACH, ("noisy_mask",), callbacks=_FORGET,
+            model_kwargs={**_NOISY, "forget_rate": [_bg, 0.245, 0.332, 0.234], "class_balanced": True})
+    REGIMES["coteaching_pc_kvasir50_bg15_fg05"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
+                                                          model_kwargs={**_NOISY, "forget_rate": [0.15, 0.05],
+                                                                        "class_balanced": True})
     return REGIMES
