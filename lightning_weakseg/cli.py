@@ -84,11 +84,12 @@ def demo(argv=None) -> list[dict]:
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        demo(argv[1:])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "demo":
+        demo(args[1:])
         return
-    cli_main(argv)
+    # from the command line LightningCLI reads sys.argv itself (passing it as ``args`` too makes it warn)
+    cli_main(None if argv is None else args)
 
 
 if __name__ == "__main__":

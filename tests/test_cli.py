@@ -48,3 +48,16 @@ def test_main_dispatches_demo(monkeypatch):
     monkeypatch.setattr("lightning_weakseg.cli.demo", lambda argv: seen.setdefault("argv", argv))
     main(["demo", "--epochs", "2"])
     assert seen["argv"] == ["--epochs", "2"]
+
+
+def test_command_line_run_passes_no_args_to_lightningcli(monkeypatch):
+    """From the command line LightningCLI must read sys.argv itself: passing it as ``args`` as well makes it warn
+    ("not recommended to provide both args and command line arguments") on every ``weakseg fit``."""
+    seen = {}
+    monkeypatch.setattr("lightning_weakseg.cli.cli_main", lambda args=None: seen.setdefault("args", args))
+    monkeypatch.setattr("sys.argv", ["weakseg", "fit", "--config", "configs/full.yaml"])
+    main()
+    assert seen["args"] is None
+    seen.clear()
+    main(["fit", "--config", "x.yaml"])                    # called from Python: the list is passed on
+    assert seen["args"] == ["fit", "--config", "x.yaml"]
