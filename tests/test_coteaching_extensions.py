@@ -1,0 +1,153 @@
+"""Co-teaching extensions: one forget rate per class (selection, mixin, ForgetRateSchedule state) and peer
+relabelling of the rejected pixels (against loops; ``relabel_to``). Helpers come from tests/test_coteaching.py.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lightning_weakseg.losses.coteaching as ct
+import lightning_weakseg.regimes.coteaching as regime
+from lightning_weakseg.callbacks import ForgetRateSchedule
+from lightning_weakseg.losses import coteaching_keep_ratio, coteaching_losses
+from test_coteaching import R_ref, _Module, noisy_batch, tiny_module
+
+
+# ----------------------------------------------------------------------------- one forget rate per class
+def test_per_class_keep_ratios_keep_their_own_fraction_of_each_class():
+    """A sequence of keep ratios (balance=True): class c keeps round(R_c · n_c) of its labelled pixels, and they
+    are its smallest losses (a sort per class written out here)."""
+    torch.manual_seed(1)
+    b, h, w = 2, 8, 9
+    target = torch.zeros(b, h, w, dtype=torch.long)
+    target[:, :3, :4] = 1                      # 24 pixels of class 1
+    target[:, 5:, 5:] = 2                      # 24 pixels of class 2
+    target[1, 0, 8] = 255
+    logits_a, logits_b = torch.randn(b, 3, h, w), torch.randn(b, 3, h, w)
+    ratios = (0.95, 0.5, 0.25)
+    out = coteaching_losses(logits_a, logits_b, target, None, ratios, balance=True)
+    ce = {"select_a": F.cross_entropy(logits_a, target.clamp_max(2), reduction="none"),
+          "select_b": F.cross_entropy(logits_b, target.clamp_max(2), reduction="none")}
+    for key in ("select_a", "select_b"):
+        for c, r in enumerate(ratios):
+            vals = ce[key][target == c]
+            k = int(len(vals) * r + 0.5)
+            kept = ce[key][out[key] & (target == c)]
+            assert len(kept) == k, (key, c)
+            assert torch.equal(torch.sort(kept).values, torch.sort(vals).values[:k]), (key, c)
+        assert not out[key][target == 255].any()
+    # a scalar R equals the same R repeated per class
+    same = coteaching_losses(logits_a, logits_b, target, None, (0.5,) * 3, balance=True)
+    scalar = coteaching_losses(logits_a, logits_b, target, None, 0.5, balance=True)
+    assert torch.equal(same["select_a"], scalar["select_a"]) and torch.equal(same["loss_b"], scalar["loss_b"])
+    with pytest.raises(ValueError, match="one keep ratio per class"):
+        coteaching_losses(logits_a, logits_b, target, None, (0.5, 0.5), balance=True)
+    with pytest.raises(ValueError, match="balance=True"):
+        coteaching_losses(logits_a, logits_b, target, None, ratios)
+
+
+def test_per_class_forget_rates_in_the_mixin_and_the_schedule(monkeypatch):
+    assert coteaching_keep_ratio(2, [0.0, 0.4], 4) == (1.0, pytest.approx(R_ref(2, 0.4, 4)))
+    with pytest.raises(ValueError, match="class_balanced"):
+        tiny_module(forget_rate=[0.1, 0.3])
+    with pytest.raises(ValueError, match="num_classes=2"):
+        tiny_module(forget_rate=[0.1, 0.2, 0.3], class_balanced=True)
+    model = tiny_module(forget_rate=[0.0, 0.5], num_gradual=0, class_balanced=True)
+    assert model.current_keep_ratio() == (1.0, 0.5)                          # epoch 0, T_k = 0: τ at once
+    batch = noisy_batch()
+    model.train()
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(ct.coteaching_losses(*args, **kwargs))
+        return seen
+
+    monkeypatch.setattr(regime, "coteaching_losses", record)
+    model.loss_terms(batch, model(batch["image"]))                          # the mixin's own path
+    target = batch["noisy_mask"]
+    for key in ("select_a", "select_b"):
+        assert torch.equal(seen[key] & (target == 0), target == 0)          # τ_0 = 0: all background kept
+        assert int((seen[key] & (target == 1)).sum()) == int((target == 1).sum() * 0.5 + 0.5)
+    # the callback's tuple reaches the module, survives its checkpoint state, and continues the schedule
+    cb, module = ForgetRateSchedule(), _Module(forget_rate=[0.1, 0.6], num_gradual=3, exponent=1.0)
+    cb.on_fit_start(None, module)
+    cb.on_train_epoch_start(SimpleNamespace(current_epoch=1), module)
+    assert module.keep_ratio == (pytest.approx(R_ref(1, 0.1, 3)), pytest.approx(R_ref(1, 0.6, 3)))
+    state = cb.state_dict()
+    assert state["forget_rate"] == [0.1, 0.6] and isinstance(state["keep_ratio"], list)
+    fresh, module2 = ForgetRateSchedule(forget_rate=0.3), _Module(forget_rate=0.3, num_gradual=1)
+    fresh.load_state_dict(state)
+    assert fresh.keep_ratio == module.keep_ratio
+    fresh.on_fit_start(None, module2)
+    fresh.on_train_epoch_start(SimpleNamespace(current_epoch=2), module2)
+    assert module2.keep_ratio == (pytest.approx(R_ref(2, 0.1, 3)), pytest.approx(R_ref(2, 0.6, 3)))
+
+
+# ----------------------------------------------------------------------------- peer relabelling
+@pytest.mark.parametrize("relabel_to", ["any", "foreground"])
+def test_peer_relabel_losses_against_a_loop(relabel_to):
+    """Each network's relabel loss: Σ over labelled pixels its PEER rejected (and, with "foreground", where the peer's
+    arg-max is not class 0) of −log p(peer's arg-max), / #labelled."""
+    torch.manual_seed(3)
+    b, k, h, w = 2, 3, 4, 5
+    la, lb = torch.randn(b, k, h, w, requires_grad=True), torch.randn(b, k, h, w, requires_grad=True)
+    labelled = torch.rand(b, h, w) > 0.2
+    sel_a, sel_b = (torch.rand(b, h, w) > 0.5) & labelled, (torch.rand(b, h, w) > 0.5) & labelled
+    got_a, got_b = ct.peer_relabel_losses(la, lb, sel_a, sel_b, labelled, relabel_to=relabel_to)
+    for got, me, peer, peer_sel in ((got_a, la, lb, sel_b), (got_b, lb, la, sel_a)):
+        total, n, taught = 0.0, 0, torch.zeros(b, h, w, dtype=torch.bool)
+        for i in range(b):
+            for y in range(h):
+                for x in range(w):
+                    if not labelled[i, y, x]:
+                        continue
+                    n += 1
+                    tgt = int(peer[i, :, y, x].argmax())
+                    if not peer_sel[i, y, x] and (relabel_to == "any" or tgt != 0):
+                        taught[i, y, x] = True
+                        total -= float(me.detach()[i, :, y, x].log_softmax(0)[tgt])
+        assert got.item() == pytest.approx(total / n, rel=1e-5)
+        if me is la:
+            taught_a = taught
+    if relabel_to == "foreground":
+        assert 0 < taught_a.sum() < (labelled & ~sel_b).sum()      # the restriction removed some pixels, not all
+    got_a.backward()
+    assert lb.grad is None                                          # the peer's arg-max is a target, not a path
+    reach = la.grad.abs().sum(1) > 0
+    assert torch.equal(reach, taught_a)                             # only what the PEER rejected (and may teach)
+    with pytest.raises(ValueError, match="relabel_to"):
+        ct.peer_relabel_losses(la, lb, sel_a, sel_b, labelled, relabel_to="background")
+
+
+def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
+    model = tiny_module(forget_rate=0.3, num_gradual=2, class_balanced=True, relabel_rejected=True)
+    batch = noisy_batch()
+    model.train()
+    with pytest.raises(ValueError, match="selection='pixel'"):
+        tiny_module(selection="sample", relabel_rejected=True)
+    terms0 = model.loss_terms(batch, model(batch["image"]))         # epoch 0 < T_k: no relabel terms yet
+    assert "noisy/relabel_a" not in terms0
+    monkeypatch.setattr(type(model), "current_epoch", property(lambda self: 2))
+    terms = model.loss_terms(batch, model(batch["image"]))
+    assert {"noisy/relabel_a", "noisy/relabel_b"} <= set(terms)
+    assert terms["noisy/relabel_a"].item() > 0
+    # relabel_to reaches the loss: the mixin's term equals the function's on the same outputs and selections
+    fg = tiny_module(forget_rate=0.3, num_gradual=2, class_balanced=True, relabel_rejected=True,
+                     relabel_to="foreground")
+    fg.load_state_dict(model.state_dict())
+    fg.train()
+    monkeypatch.setattr(type(fg), "current_epoch", property(lambda self: 2))
+    torch.manual_seed(0)
+    out = fg(batch["image"])
+    terms_fg = fg.loss_terms(batch, out)
+    res = ct.coteaching_losses(out["logits_a"], out["logits_b"], batch["noisy_mask"], batch["has_noisy_mask"],
+                               fg.current_keep_ratio(), balance=True)
+    labelled = (batch["noisy_mask"] != 255) & batch["has_noisy_mask"].view(-1, 1, 1)
+    ref = ct.peer_relabel_losses(out["logits_a"], out["logits_b"], res["select_a"], res["select_b"], labelled,
+                                 relabel_to="foreground")
+    assert terms_fg["noisy/relabel_a"].item() == pytest.approx(ref[0].item(), rel=1e-6)
+    ref_any = ct.peer_relabel_losses(out["logits_a"], out["logits_b"], res["select_a"], res["select_b"], labelled)
+    assert ref_any[0].item() > ref[0].item() * 1.01                  # the restriction matters on this batch
+    with pytest.raises(ValueError, match="relabel_to"):
+        tiny_module(relabel_rejected=True, relabel_to="bg")
