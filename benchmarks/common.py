@@ -156,7 +156,7 @@ def _pseudo_scores(model, dm) -> dict[str, float]:
 
 def run_one(data_root: str, dataset: str, name: str, regime: Regime, *, epochs: int, image_size: int,
             max_train: int | None, batch_size: int, seed: int, arch: str, encoder: str, lr: float,
-            noise: float | None = None, log_dir: str | None = None, val_every: int = 1,
+            noise: float | None = None, noise_fraction: float = 1.0, log_dir: str | None = None, val_every: int = 1,
             tiles: int = 1, tile_eval: str = "tiles") -> dict[str, Any]:
     import lightning as L
     from lightning_weakseg.data import WeakSegDataModule
@@ -167,6 +167,8 @@ def run_one(data_root: str, dataset: str, name: str, regime: Regime, *, epochs: 
     weak = dict(regime.weakify)
     if noise is not None:
         weak.setdefault("noise_rate", noise)
+    if noise_fraction != 1.0:
+        weak.setdefault("noise_fraction", noise_fraction)
     dm = WeakSegDataModule(source="folder", image_size=image_size, batch_size=batch_size, seed=seed,
                            train_labels=list(regime.labels), label_fractions=regime.label_fractions,
                            weakify=weak, max_train_samples=max_train, eval_batch_size=2 * batch_size, tiles=tiles,

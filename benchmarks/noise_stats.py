@@ -24,6 +24,7 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--n", type=int, default=150)
     p.add_argument("--rates", default="0.3,0.5")
+    p.add_argument("--fraction", type=float, default=1.0, help="share of the masks corrupted (the others clean)")
     a = p.parse_args(argv)
     files = sorted(glob.glob(os.path.join(a.data, a.dataset, "masks", "*.png")))[: a.n]
     masks = [cv2.resize(cv2.imread(f, cv2.IMREAD_GRAYSCALE), (a.image_size, a.image_size),
@@ -36,14 +37,14 @@ def main(argv=None):
         rng = np.random.default_rng(0)
         stats = []
         for m in masks:
-            n = noisy_mask(m, rate, rng)
+            n = noisy_mask(m, rate, rng, fraction=a.fraction)
             wrong = n != m
             fg, bg = n > 0, n == 0
             stats.append((wrong.mean(), (wrong & fg).sum() / max(fg.sum(), 1), (wrong & bg).sum() / max(bg.sum(), 1),
                           float((m > 0).any() and not fg.any())))
         s = np.mean(stats, 0)
         print(f"| {rate} | {s[0]:.3f} | {s[1]:.3f} | {s[2]:.3f} | {s[3]:.3f} |")
-        per_class[rate] = pooled(masks, rate)
+        per_class[rate] = pooled(masks, rate, a.fraction)
     # pooled over every pixel (what a batch-wide selection sees): for each class c of the NOISY mask, the fraction of
     # the pixels labelled c that are wrong — the per-class forget rate of class-balanced co-teaching
     classes = sorted(set().union(*(np.unique(m).tolist() for m in masks)))
@@ -53,11 +54,11 @@ def main(argv=None):
         print(f"| {rate} | " + " | ".join(f"{frac.get(c, float('nan')):.3f}" for c in classes) + " |")
 
 
-def pooled(masks, rate):
+def pooled(masks, rate, fraction=1.0):
     rng = np.random.default_rng(0)
     labelled, wrong = {}, {}
     for m in masks:
-        n = noisy_mask(m, rate, rng)
+        n = noisy_mask(m, rate, rng, fraction=fraction)
         for c in np.unique(n).tolist():
             sel = n == c
             labelled[c] = labelled.get(c, 0) + int(sel.sum())

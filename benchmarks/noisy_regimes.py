@@ -98,4 +98,14 @@ def noisy_regimes(Regime) -> dict:  # noqa: N803 - the dataclass from common.py 
     REGIMES["coteaching_pc_kvasir50_bg15_fg05"] = Regime(_COTEACH, ("noisy_mask",), callbacks=_FORGET,
                                                           model_kwargs={**_NOISY, "forget_rate": [0.15, 0.05],
                                                                         "class_balanced": True})
+    # session 7: the literature's noise model (--noise-fraction 0.5: half of the masks corrupted, the others clean).
+    # τ = the share of corrupted masks, as in Han et al. (τ = the noise rate, no tuning); per-sample selection is the
+    # mode the model is for: whole masks are wrong or right
+    for _tau in (0.3, 0.5):
+        REGIMES[f"coteaching_sample_t{int(_tau * 100)}"] = Regime(
+            _COTEACH, ("noisy_mask",), callbacks=_FORGET,
+            model_kwargs={**_NOISY, "forget_rate": _tau, "selection": "sample"})
+        REGIMES[f"coteaching_plus_sample_t{int(_tau * 100)}"] = Regime(
+            _COTEACH, ("noisy_mask",), callbacks=_FORGET,
+            model_kwargs={**_NOISY, "forget_rate": _tau, "selection": "sample", "coteach_plus": True})
     return REGIMES

@@ -25,8 +25,8 @@ from common import DATASETS, REGIMES, run_one, write_json  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 # settings that must be equal for rows to share one table (one "full" row as the reference)
 SAME = ("dataset", "epochs", "image_size", "max_train", "batch_size", "lr", "arch", "encoder", "noise", "seed", "tiles",
-        "tile_eval")
-DEFAULTS = {"tiles": 1, "tile_eval": "tiles"}  # settings added later: a result file without them was made with this value
+        "tile_eval", "noise_fraction")
+DEFAULTS = {"tiles": 1, "tile_eval": "tiles", "noise_fraction": 1.0}  # settings added later: a result file without them was made with this value
 
 
 def main(argv=None):
@@ -42,6 +42,8 @@ def main(argv=None):
     p.add_argument("--arch", default="Unet")
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--noise", type=float, default=None, help="noise rate of the simulated noisy masks")
+    p.add_argument("--noise-fraction", type=float, default=1.0, help="share of the training masks that the simulator "
+                   "corrupts (by --noise); the others stay clean. 1.0: every mask")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiles", type=int, default=1, help="cut each image (resized to tiles x image-size) into "
                    "tiles x tiles samples of image-size (Kvasir: tiles with and without polyp, for tags)")
@@ -80,7 +82,7 @@ def main(argv=None):
     for name in names:
         row = run_one(a.data, a.dataset, name, REGIMES[name], epochs=a.epochs, image_size=a.image_size,
                       max_train=a.max_train, batch_size=a.batch_size, seed=a.seed, arch=a.arch,
-                      encoder=a.encoder, lr=a.lr, noise=a.noise, log_dir=a.log_dir, val_every=a.val_every,
+                      encoder=a.encoder, lr=a.lr, noise=a.noise, noise_fraction=a.noise_fraction, log_dir=a.log_dir, val_every=a.val_every,
                       tiles=a.tiles, tile_eval=a.tile_eval)
         row["command"] = payload["command"]
         if a.append:

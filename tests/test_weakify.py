@@ -86,3 +86,27 @@ def test_noisy_mask_rate_controls_damage(organ):
          for r in (0.1, 0.3, 0.6)}
     assert d[0.1] > d[0.3] > d[0.6]
     assert d[0.1] > 0.85 and d[0.6] < 0.85
+
+
+def test_noisy_fraction_corrupts_that_share_of_masks(organ):
+    """``fraction`` picks which masks are corrupted (one uniform draw each, below ``fraction`` → corrupted); a
+    corrupted mask is exactly the every-mask simulator run on the generator after that draw."""
+    n, f = 200, 0.3
+    corrupted = 0
+    for s in range(n):
+        out = noisy_mask(organ, 0.6, np.random.default_rng(s), fraction=f)
+        ref = np.random.default_rng(s)
+        draw = ref.random()
+        if draw < f:
+            corrupted += 1
+            assert (out == noisy_mask(organ, 0.6, ref)).all()
+        else:
+            assert (out == organ).all()
+    # the count is Binomial(200, 0.3): mean 60, sd 6.5
+    assert abs(corrupted - n * f) < 4 * np.sqrt(n * f * (1 - f))
+    # fraction 1 draws nothing extra: the masks are those of the plain simulator
+    assert all((noisy_mask(organ, 0.6, np.random.default_rng(s), fraction=1.0)
+                == noisy_mask(organ, 0.6, np.random.default_rng(s))).all() for s in range(5))
+    assert all((noisy_mask(organ, 0.6, np.random.default_rng(s), fraction=0.0) == organ).all() for s in range(5))
+    with pytest.raises(ValueError, match="fraction"):
+        noisy_mask(organ, 0.6, np.random.default_rng(0), fraction=1.5)

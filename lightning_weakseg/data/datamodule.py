@@ -77,7 +77,7 @@ class WeakSegDataModule(L.LightningDataModule):
         label_fractions: mixed supervision, e.g. ``{"mask": 0.1, "boxes": 0.3, "tags": 0.6}`` (overrides
             ``train_labels``).
         weakify: options of the weak-label simulator (``box_jitter``, ``point_mode``, ``point_fraction``,
-            ``scribble_keep``, ``noise_rate``).
+            ``scribble_keep``, ``noise_rate``, ``noise_fraction``).
         augment: training augmentation: ``"default"``, ``"light"``, ``"none"``.
         max_train_samples: optional cap on the training split (seeded subset), for budgets.
         shuffle: shuffle the training set each epoch (off for exact 1-process vs DDP comparisons).

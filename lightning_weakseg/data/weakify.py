@@ -117,14 +117,23 @@ def scribbles_from_mask(mask, num_classes: int, rng, keep: float = 0.6, width: i
     return out
 
 
-def noisy_mask(mask, rate: float, rng, instances=None, drop: float = 0.4, shift: float = 0.04) -> np.ndarray:
+def noisy_mask(mask, rate: float, rng, instances=None, drop: float = 0.4, shift: float = 0.04,
+               fraction: float = 1.0) -> np.ndarray:
     """A mask as a hurried annotator draws it, with the amount set by ``rate`` in [0, 1]:
 
-    each object's boundary moves by a signed-distance offset (erosion or dilation up to ``rate`` × its
+    each object's boundary moves by a signed-distance offset (erosion or dilation up to ``0.8 × rate`` × its
     equivalent radius) plus a smooth random field (boundary jitter); an object is dropped with probability
     ``drop`` × ``rate``; finally the whole mask shifts by up to ``shift`` × ``rate`` × the image size.
-    ``rate=0`` returns the mask unchanged."""
-    if rate <= 0:
+    ``rate=0`` returns the mask unchanged.
+
+    ``fraction`` in [0, 1] is the share of masks that are corrupted at all (one draw per mask: a mask is
+    returned clean with probability 1 − ``fraction``). That is the noise model of the noisy-label segmentation
+    literature ("50 % noise": half of the training masks are wrong, the others clean), under which per-sample
+    selection has clean samples to find; the default 1.0 corrupts every mask, by ``rate``, and draws nothing
+    more from ``rng`` (the same masks as before the option existed)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"noise fraction must lie in [0, 1], got {fraction}")
+    if rate <= 0 or (fraction < 1.0 and rng.random() >= fraction):
         return mask.copy()
     h, w = mask.shape
     out = np.where(mask == IGNORE_INDEX, IGNORE_INDEX, 0).astype(np.uint8)
@@ -154,7 +163,7 @@ def noisy_mask(mask, rate: float, rng, instances=None, drop: float = 0.4, shift:
 
 def weakify(mask: np.ndarray, num_classes: int, keys, rng: np.random.Generator, instances=None,
             box_jitter: float = 0.0, point_mode: str = "centroid", point_fraction: float = 1.0,
-            scribble_keep: float = 0.6, noise_rate: float = 0.3) -> dict:
+            scribble_keep: float = 0.6, noise_rate: float = 0.3, noise_fraction: float = 1.0) -> dict:
     """Derive the requested weak labels (any of ``tags, boxes, points, scribble, noisy_mask``) from a mask."""
     out = {}
     for key in keys:
@@ -167,7 +176,7 @@ def weakify(mask: np.ndarray, num_classes: int, keys, rng: np.random.Generator, 
         elif key == "scribble":
             out[key] = scribbles_from_mask(mask, num_classes, rng, scribble_keep, instances=instances)
         elif key == "noisy_mask":
-            out[key] = noisy_mask(mask, noise_rate, rng, instances)
+            out[key] = noisy_mask(mask, noise_rate, rng, instances, fraction=noise_fraction)
         else:
             raise ValueError(f"weakify cannot derive {key!r}")
     return out
