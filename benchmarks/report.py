@@ -24,6 +24,8 @@ def quality_section(path: Path) -> str:
     budget = (f"{s['arch']}-{s['encoder']}, {s['image_size']}², {s['epochs']} epochs, batch {s['batch_size']}, "
               f"lr {s['lr']}, max train {s['max_train']}, seed {s['seed']}"
               + (f", noise rate {s['noise']}" if s.get("noise") is not None else "")
+              + (f", {s['noise_fraction']:.0%} of the training masks corrupted (the others clean)"
+                 if s.get("noise_fraction", 1.0) != 1.0 else "")
               + (f", trained on {s['tiles']}×{s['tiles']} tiles per image (image size = tile size), evaluated on "
                  f"{'whole images' if s.get('tile_eval') == 'images' else 'tiles'}" if s.get("tiles", 1) > 1 else ""))
     n = payload["rows"][0] if payload["rows"] else {}

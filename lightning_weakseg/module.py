@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from .data.batch import IGNORE_INDEX, validate_batch
 from .errors import NonFiniteLossError
+from .losses.dice import soft_dice_loss
 from .metrics import HD95, DiceIoU
 from .nn import replace_batchnorm
 
@@ -42,17 +43,6 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_inde
     ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").flatten(1)
     n = (target != ignore_index).flatten(1).sum(1)
     return ce.sum(1) / n.clamp_min(1)
-
-
-def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-sample soft Dice loss over foreground classes present in target or prediction, labelled pixels only."""
-    valid = (target != ignore_index).unsqueeze(1)
-    onehot = F.one_hot(target.clamp(0, probs.shape[1] - 1), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    p, t = probs * valid, onehot * valid
-    inter = (p * t).flatten(2).sum(-1)[:, 1:]
-    denom = (p + t).flatten(2).sum(-1)[:, 1:]
-    dice = (2 * inter + 1) / (denom + 1)
-    return 1 - dice.mean(1)
 
 
 class WeakSegModule(L.LightningModule):

@@ -151,3 +151,73 @@ def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
     assert ref_any[0].item() > ref[0].item() * 1.01                  # the restriction matters on this batch
     with pytest.raises(ValueError, match="relabel_to"):
         tiny_module(relabel_rejected=True, relabel_to="bg")
+
+
+# ----------------------------------------------------------------------------- per-sample ranking by Dice
+def _dice_loss_loop(probs, target):
+    """1 − mean over foreground classes of (2·Σ p·y + 1) / (Σ p + Σ y + 1), over labelled pixels, a loop per pixel."""
+    out = []
+    for n in range(probs.shape[0]):
+        dices = []
+        for c in range(1, probs.shape[1]):
+            inter = den = 0.0
+            for i in range(target.shape[1]):
+                for j in range(target.shape[2]):
+                    if target[n, i, j] == 255:
+                        continue
+                    p, y = float(probs[n, c, i, j]), float(target[n, i, j] == c)
+                    inter += p * y
+                    den += p + y
+            dices.append((2 * inter + 1) / (den + 1))
+        out.append(1 - sum(dices) / len(dices))
+    return torch.tensor(out)
+
+
+def test_sample_rank_dice_selects_by_dice_and_trains_on_ce():
+    """``sample_rank="dice"``: each network keeps the R·B images with the smallest per-image soft Dice loss (a loop
+    here), and its PEER trains on their mean CE. The hand-built case is the failure of CE ranking: image 0's mask
+    lost its object (all background) where both networks see one; by mean CE it is the easiest image (most of every
+    image is background), by Dice the hardest."""
+    torch.manual_seed(3)
+    b, k, h, w = 4, 2, 6, 6
+    target = torch.zeros(b, h, w, dtype=torch.long)
+    target[1:, 1:4, 1:4] = 1                               # images 1-3 hold a 3x3 object; image 0's was dropped
+    target[2, 0, 0] = 255
+    obj = torch.zeros(b, h, w, dtype=torch.bool)
+    obj[:, 1:4, 1:4] = True
+    scene = torch.where(obj, 2.0, -3.0)                    # both networks find the object in every image ...
+    scene[0] = torch.where(obj[0], -1.5, -5.0)             # ... image 0's faintly (p ≈ 0.18), on a clear background
+    logits_a = torch.randn(b, k, h, w) * 0.1
+    logits_b = torch.randn(b, k, h, w) * 0.1
+    logits_a[:, 1] += scene
+    logits_b[:, 1] += scene
+    logits_a.requires_grad_(True)
+    logits_b.requires_grad_(True)
+    labelled = target != 255
+    ce = {n: (F.cross_entropy(lg, target.clamp_max(1), reduction="none") * labelled).flatten(1).sum(1)
+          / labelled.flatten(1).sum(1) for n, lg in (("a", logits_a), ("b", logits_b))}
+    assert int(ce["a"].argmin()) == 0 and int(ce["b"].argmin()) == 0   # CE ranking would keep the wrong mask
+    r = 0.5
+    by_ce = coteaching_losses(logits_a, logits_b, target, None, r, selection="sample")
+    assert by_ce["select_a"][0] and by_ce["select_b"][0]
+    out = coteaching_losses(logits_a, logits_b, target, None, r, selection="sample", sample_rank="dice")
+    for n, lg, key in (("a", logits_a, "select_a"), ("b", logits_b, "select_b")):
+        ref = _dice_loss_loop(torch.softmax(lg.detach(), 1), target)
+        assert int(ref.argmax()) == 0
+        keep = torch.zeros(b, dtype=torch.bool)
+        keep[torch.argsort(ref)[:2]] = True
+        assert torch.equal(out[key], keep), (key, ref)
+    # each network trains on the mean CE of its peer's picks
+    torch.testing.assert_close(out["loss_a"], ce["a"][out["select_b"]].mean())
+    torch.testing.assert_close(out["loss_b"], ce["b"][out["select_a"]].mean())
+    out["loss_a"].backward()
+    assert logits_b.grad is None and logits_a.grad[~out["select_b"]].abs().sum() == 0
+    with pytest.raises(ValueError, match="sample_rank"):
+        coteaching_losses(logits_a, logits_b, target, None, r, selection="pixel", sample_rank="dice")
+
+
+def test_mixin_rejects_dice_ranking_for_pixel_selection():
+    with pytest.raises(ValueError, match="sample_rank"):
+        tiny_module(selection="pixel", sample_rank="dice")
+    with pytest.raises(ValueError, match="sample_rank"):
+        tiny_module(selection="sample", sample_rank="iou")

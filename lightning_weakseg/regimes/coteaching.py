@@ -37,6 +37,10 @@ class CoTeachingMixin:
             :class:`~lightning_weakseg.callbacks.ForgetRateSchedule` callback, when present, sets
             ``self.keep_ratio`` each epoch instead (and checkpoints the schedule).
         selection: ``"pixel"`` (rank pixels) or ``"sample"`` (rank images by their mean CE).
+        sample_rank: sample selection only: rank the images by ``"ce"`` (their mean CE, the paper's rule) or
+            ``"dice"`` (each network's per-image soft Dice loss against the noisy mask; the selected images
+            still train on CE). Mean CE favours masks with little foreground, also those that lost their
+            object, and drifts to all-background; see :func:`~lightning_weakseg.losses.coteaching_losses`.
         coteach_plus: co-teaching+: only pixels where the networks' argmax disagree are candidates,
             from epoch ``plus_start_epoch`` on (plain co-teaching before, as in the authors' code).
         plus_min_disagreement: co-teaching+ only: a class (with ``class_balanced``; else all pixels) whose
@@ -69,9 +73,14 @@ class CoTeachingMixin:
                  peer_arch: str | None = None,
                  peer_encoder: str | None = None, peer_model_kwargs: dict[str, Any] | None = None,
                  selection_method: str = "radix", class_balanced: bool = False, relabel_rejected: bool = False,
-                 relabel_start_epoch: int | None = None, relabel_to: str = "any", **kwargs):
+                 relabel_start_epoch: int | None = None, relabel_to: str = "any", sample_rank: str = "ce",
+                 **kwargs):
         if selection not in ("pixel", "sample"):
             raise ValueError(f"selection: expected 'pixel' or 'sample', got {selection!r}")
+        if sample_rank not in ("ce", "dice"):
+            raise ValueError(f"sample_rank: expected 'ce' or 'dice', got {sample_rank!r}")
+        if sample_rank != "ce" and selection != "sample":
+            raise ValueError("sample_rank='dice' needs selection='sample'")
         if inference not in ("average", "a", "b"):
             raise ValueError(f"inference: expected 'average', 'a' or 'b', got {inference!r}")
         if class_balanced and selection != "pixel":
@@ -151,7 +160,8 @@ class CoTeachingMixin:
         res = coteaching_losses(logits_a, logits_b, target, has, ratio, selection=h.selection,
                                 disagreement=plus, ignore_index=self.ignore_index, method=h.selection_method,
                                 balance=bool(h.get("class_balanced", False)),
-                                min_disagreement=float(h.get("plus_min_disagreement", 0.0)) if plus else 0.0)
+                                min_disagreement=float(h.get("plus_min_disagreement", 0.0)) if plus else 0.0,
+                                sample_rank=h.get("sample_rank", "ce"))
         terms["noisy/coteach_a"] = res["loss_a"]
         terms["noisy/coteach_b"] = res["loss_b"]
         if h.get("relabel_rejected", False):
