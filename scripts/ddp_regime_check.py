@@ -69,6 +69,11 @@ CASES: dict[str, dict] = {
                           kwargs={"forget_rate": [0.1, 0.5, 0.4, 0.3], "num_gradual": 1, "class_balanced": True,
                                   "relabel_rejected": True, "relabel_start_epoch": 0},
                           callbacks=[(f"{CB}:ForgetRateSchedule", {})]),
+    # per-sample selection ranked by each network's per-image Dice loss: images are the items, global over ranks
+    "coteaching_dice": dict(module="lightning_weakseg.regimes:CoTeachingSegModule", kind="organ",
+                            labels=["noisy_mask"], kwargs={"forget_rate": 0.5, "num_gradual": 1, "selection": "sample",
+                                                           "sample_rank": "dice"},
+                            callbacks=[(f"{CB}:ForgetRateSchedule", {})]),
     "robust": dict(module="lightning_weakseg.regimes:RobustSegModule", kind="organ", labels=["noisy_mask"],
                    kwargs={"robust_loss": "sce"}),
     "scribbles": dict(module="lightning_weakseg.regimes:ScribbleSegModule", kind="organ", labels=["scribble"],

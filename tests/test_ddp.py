@@ -30,6 +30,7 @@ REGIMES = [
     "points",
     "coteaching",
     "coteaching_pc",
+    "coteaching_dice",
     "robust",
     "scribbles",
     "mixed",
@@ -131,7 +132,7 @@ def test_regime_ddp_equals_one_process(runs, regime):
     one, two = load(runs / regime / "d1"), load(runs / regime / "d2")
     facts = compare(one, two, regime)
     cbs = one["records"][0]["callbacks"]
-    if regime == "coteaching":
+    if regime in ("coteaching", "coteaching_dice"):
         assert 0 < facts["kept"] < facts["candidates"]  # a real selection, not all or nothing
         assert cbs["ForgetRateSchedule"]["keep_ratio"] == 0.5
     if regime == "coteaching_pc":
