@@ -47,6 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import lightning_weakseg.losses.coteaching as ct  # noqa: E402
+import lightning_weakseg.losses.selection as selmod  # noqa: E402
 from lightning_weakseg import WeakSegModule  # noqa: E402
 from lightning_weakseg.data.batch import validate_batch  # noqa: E402
 from lightning_weakseg.losses import log_barrier, tightness_prior  # noqa: E402
@@ -234,10 +235,10 @@ def time_ddp_selection(repeats: int) -> dict:
     tmp = tempfile.mkdtemp()
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0, world_size=1)
     try:
-        keys = ct._ordered_keys(x).reshape(-1)
+        keys = selmod._ordered_keys(x).reshape(-1)
         values = x.reshape(-1)
-        fns = {"radix": lambda: ct._select_radix(keys, valid, 0.7, None, 1, 0),
-               "gather": lambda: ct._select_gather(values, valid, 0.7, None, 1, 0),
+        fns = {"radix": lambda: selmod._select_radix(keys, valid, 0.7, None, 1, 0),
+               "gather": lambda: selmod._select_gather(values, valid, 0.7, None, 1, 0),
                "single_process": lambda: ct.small_loss_selection(x, 0.7)}
         assert torch.equal(fns["radix"](), fns["gather"]())
         for name, fn in fns.items():

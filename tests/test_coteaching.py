@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_weakseg.losses.coteaching as ct
+import lightning_weakseg.losses.selection as selmod
 import lightning_weakseg.regimes.coteaching as regime
 from lightning_weakseg.callbacks import ForgetRateSchedule
 from lightning_weakseg.losses import coteaching_keep_ratio, coteaching_losses, coteaching_pair_loss, small_loss_selection
@@ -54,9 +55,9 @@ def test_selection_equals_brute_force_with_ties_both_methods(ratio, monkeypatch)
     want = brute_force(losses, valid, ratio)
     assert torch.equal(small_loss_selection(losses, ratio, valid), want)
     # the radix path (used under DDP) run in one process: its all-reduces are identities for one rank
-    monkeypatch.setattr(ct.dist, "all_reduce", lambda t, group=None: None)
-    keys = ct._ordered_keys(losses).reshape(-1)
-    radix = ct._select_radix(keys, valid.reshape(-1), ratio, None, 1, 0).reshape(losses.shape)
+    monkeypatch.setattr(selmod.dist, "all_reduce", lambda t, group=None: None)
+    keys = selmod._ordered_keys(losses).reshape(-1)
+    radix = selmod._select_radix(keys, valid.reshape(-1), ratio, None, 1, 0).reshape(losses.shape)
     assert torch.equal(radix, want)
 
 
