@@ -129,4 +129,21 @@ def noisy_regimes(Regime) -> dict:  # noqa: N803 - the dataclass from common.py 
             _COTEACH, ("noisy_mask",), callbacks=_FORGET,
             model_kwargs={**_NOISY, "forget_rate": _tau, "class_balanced": True, "coteach_plus": True,
                           "plus_min_disagreement": 0.1})
+    # session 8: the ideal per-sample selection — CE on the clean share of the masks only (benchmarks/oracle.py reads
+    # the clean mask to find it): the bound per-sample co-teaching at τ = f approaches with a perfect ranking
+    REGIMES["oracle_clean_subset"] = Regime("oracle:OracleCleanSubsetSegModule", ("mask", "noisy_mask"),
+                                            model_kwargs={"mask_key": "noisy_mask"})
+    # Dice-ranked per-sample selection with a 2-epoch ramp (T_k = 2 of 20, nearer the paper's 10 of 200): the corrupted
+    # half of the masks is trained on for fewer epochs before it is dropped
+    REGIMES["coteaching_sample_dice_t50_k2"] = Regime(
+        _COTEACH, ("noisy_mask",), callbacks=_FORGET,
+        model_kwargs={**_NOISY, "forget_rate": 0.5, "selection": "sample", "sample_rank": "dice", "num_gradual": 2})
+    # Dice-ranked per-sample selection whose rejected images learn the peer's arg-max from T_k on (session 8): dropping
+    # the corrupted half leaves too little data at this budget (oracle_clean_subset: 0.72-0.73 of clean), so the images
+    # of the dropped masks train on the peer's prediction instead (relabel_to "any" or "foreground")
+    for _to in ("any", "foreground"):
+        REGIMES["coteaching_sample_dice_t50_relabel" + ("" if _to == "any" else "_fg")] = Regime(
+            _COTEACH, ("noisy_mask",), callbacks=_FORGET,
+            model_kwargs={**_NOISY, "forget_rate": 0.5, "selection": "sample", "sample_rank": "dice",
+                          "relabel_rejected": True, "relabel_to": _to})
     return REGIMES

@@ -8,7 +8,7 @@ cores; on Kvasir at rate 0.5 it scored below class-balanced co-teaching on both 
 """
 from __future__ import annotations
 
-from lightning_weakseg.module import WeakSegModule
+from lightning_weakseg.module import WeakSegModule, masked_cross_entropy
 
 
 class OracleSelectionSegModule(WeakSegModule):
@@ -22,3 +22,21 @@ class OracleSelectionSegModule(WeakSegModule):
             noisy[noisy != batch["mask"]] = self.ignore_index
             batch[key] = noisy
         return super().loss_terms(batch, out)
+
+
+class OracleCleanSubsetSegModule(WeakSegModule):
+    """The ideal per-sample selection (session 8): plain CE on the noisy masks that equal the clean mask, the corrupted
+    images left out. Under ``--noise-fraction f`` this trains on the clean share of the masks only — what per-sample
+    co-teaching with τ = f would train on if its ranking were perfect (not a method: it reads the clean mask). As in
+    co-teaching the mean is over the kept images (not over the batch), so the step size does not shrink. It tells
+    whether the data left after dropping the corrupted images, rather than the ranking, is the limit."""
+
+    def loss_terms(self, batch, out):
+        key = self.hparams.mask_key
+        terms = {}
+        if key in batch and "mask" in batch:
+            noisy, has = batch[key], batch[f"has_{key}"]
+            keep = has & ~(noisy != batch["mask"]).flatten(1).any(1)  # (B,) labelled and not corrupted
+            ce = masked_cross_entropy(out["logits"], noisy, self.ignore_index)
+            terms["seg/ce"] = (ce * keep).sum() / keep.sum().clamp_min(1)
+        return terms

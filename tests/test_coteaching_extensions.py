@@ -124,8 +124,6 @@ def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
     model = tiny_module(forget_rate=0.3, num_gradual=2, class_balanced=True, relabel_rejected=True)
     batch = noisy_batch()
     model.train()
-    with pytest.raises(ValueError, match="selection='pixel'"):
-        tiny_module(selection="sample", relabel_rejected=True)
     terms0 = model.loss_terms(batch, model(batch["image"]))         # epoch 0 < T_k: no relabel terms yet
     assert "noisy/relabel_a" not in terms0
     monkeypatch.setattr(type(model), "current_epoch", property(lambda self: 2))
@@ -221,3 +219,65 @@ def test_mixin_rejects_dice_ranking_for_pixel_selection():
         tiny_module(selection="pixel", sample_rank="dice")
     with pytest.raises(ValueError, match="sample_rank"):
         tiny_module(selection="sample", sample_rank="iou")
+
+
+def test_mixin_relabels_the_images_a_sample_selection_rejected(monkeypatch):
+    """selection="sample" + relabel_rejected (session 8): network a learns network b's arg-max on every labelled pixel
+    of the images b's selection REJECTED, / all labelled pixels (a loop); the images b kept get no relabel gradient."""
+    model = tiny_module(selection="sample", sample_rank="dice", forget_rate=0.5, num_gradual=1, relabel_rejected=True)
+    model.train()
+    monkeypatch.setattr(type(model), "current_epoch", property(lambda self: 1))
+    batch = noisy_batch(B=4)
+    out = model(batch["image"])
+    terms = model.loss_terms(batch, out)
+    res = ct.coteaching_losses(out["logits_a"], out["logits_b"], batch["noisy_mask"], batch["has_noisy_mask"],
+                               model.current_keep_ratio(), selection="sample", sample_rank="dice")
+    assert res["select_b"].sum() == 2                               # R = 0.5 of 4 images
+    target = batch["noisy_mask"]
+    la, lb = out["logits_a"].detach(), out["logits_b"].detach()
+    total, n = 0.0, 0
+    for i in range(4):
+        for y in range(target.shape[1]):
+            for x in range(target.shape[2]):
+                if target[i, y, x] == 255:
+                    continue
+                n += 1
+                if not res["select_b"][i]:
+                    total -= float(la[i, :, y, x].log_softmax(0)[lb[i, :, y, x].argmax()])
+    assert terms["noisy/relabel_a"].item() == pytest.approx(total / n, rel=1e-5)
+    grad = torch.autograd.grad(terms["noisy/relabel_a"], out["logits_a"])[0]
+    reach = grad.abs().flatten(1).sum(1) > 0
+    assert torch.equal(reach, ~res["select_b"])                     # only the images the PEER rejected
+
+
+# ----------------------------------------------------------------------------- the clean-subset oracle (benchmark)
+def test_clean_subset_oracle_trains_on_the_uncorrupted_images_only():
+    """benchmarks/oracle.py's OracleCleanSubsetSegModule: its loss is the mean, over the images whose noisy mask equals
+    the clean one, of each image's mean CE over its labelled pixels (a loop here); a corrupted image has no gradient."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "oracle.py"
+    spec = importlib.util.spec_from_file_location("bench_oracle", path)
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    torch.manual_seed(0)
+    b, k, h, w = 4, 3, 6, 5
+    mask = torch.randint(0, k, (b, h, w))
+    noisy = mask.clone()
+    noisy[1, 2, 3] = (mask[1, 2, 3] + 1) % k          # image 1 corrupted by one pixel
+    noisy[3] = 0                                       # image 3: every object dropped
+    noisy[0, 0, :] = 255                               # image 0 clean, with unknown pixels (ignored in both)
+    mask[0, 0, :] = 255
+    logits = torch.randn(b, k, h, w, requires_grad=True)
+    module = oracle.OracleCleanSubsetSegModule(num_classes=k, mask_key="noisy_mask")
+    batch = {"image": torch.zeros(b, 3, h, w), "mask": mask, "noisy_mask": noisy,
+             "has_noisy_mask": torch.tensor([True, True, True, False]), "has_mask": torch.ones(b, dtype=torch.bool)}
+    terms = module.loss_terms(batch, {"logits": logits})
+    ref = []
+    for i in (0, 2):                                   # clean and labelled: 1 and 3 corrupted, 3 also unlabelled
+        vals = [F.cross_entropy(logits[i, :, y, x][None], noisy[i, y, x][None])
+                for y in range(h) for x in range(w) if noisy[i, y, x] != 255]
+        ref.append(torch.stack(vals).mean())
+    assert torch.allclose(terms["seg/ce"], torch.stack(ref).mean(), atol=1e-6)
+    terms["seg/ce"].backward()
+    assert logits.grad[[1, 3]].abs().sum() == 0 and logits.grad[[0, 2]].abs().sum() > 0

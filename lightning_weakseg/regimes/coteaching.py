@@ -55,10 +55,11 @@ class CoTeachingMixin:
         class_balanced: keep R(T) of the candidate pixels of each noisy-label class rather than of all pixels
             (pixel selection only): the plain rule drops the minority foreground first (see
             :func:`~lightning_weakseg.losses.coteaching_losses`).
-        relabel_rejected: pixel selection only: add ``noisy/relabel_a|b`` — each network learns its peer's
-            arg-max on the labelled pixels the peer's selection rejected
-            (:func:`~lightning_weakseg.losses.peer_relabel_losses`), from epoch ``relabel_start_epoch``
-            (``None``: ``num_gradual``, when the forget rate has reached τ).
+        relabel_rejected: add ``noisy/relabel_a|b`` — each network learns its peer's arg-max on the labelled
+            pixels the peer's selection rejected (:func:`~lightning_weakseg.losses.peer_relabel_losses`), from
+            epoch ``relabel_start_epoch`` (``None``: ``num_gradual``, when the forget rate has reached τ). With
+            sample selection the rejected images' pixels are relabelled: the peer's prediction replaces a mask
+            the peer judged wrong, so the images of the dropped masks still train (self-training by the peer).
         relabel_to: ``"any"`` (the peer's arg-max whatever its class) or ``"foreground"`` (only where the peer
             predicts a class ≥ 1: recovers objects the noisy mask lost, cannot teach a class away).
     """
@@ -85,8 +86,6 @@ class CoTeachingMixin:
             raise ValueError(f"inference: expected 'average', 'a' or 'b', got {inference!r}")
         if class_balanced and selection != "pixel":
             raise ValueError("class_balanced=True needs selection='pixel'")
-        if relabel_rejected and selection != "pixel":
-            raise ValueError("relabel_rejected=True needs selection='pixel'")
         if relabel_to not in ("any", "foreground"):
             raise ValueError(f"relabel_to: expected 'any' or 'foreground', got {relabel_to!r}")
         if selection_method not in ("radix", "gather"):
@@ -168,8 +167,11 @@ class CoTeachingMixin:
             start = h.get("relabel_start_epoch")
             if self.current_epoch >= (h.num_gradual if start is None else start):
                 labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
+                sel_a, sel_b = res["select_a"], res["select_b"]
+                if h.selection == "sample":  # an image's selection covers its labelled pixels
+                    sel_a, sel_b = labelled & sel_a.view(-1, 1, 1), labelled & sel_b.view(-1, 1, 1)
                 terms["noisy/relabel_a"], terms["noisy/relabel_b"] = peer_relabel_losses(
-                    logits_a, logits_b, res["select_a"], res["select_b"], labelled,
+                    logits_a, logits_b, sel_a, sel_b, labelled,
                     relabel_to=h.get("relabel_to", "any"))
         if self._trainer is not None:
             bs = logits_a.shape[0]
