@@ -7,8 +7,9 @@ The plain module trains on full masks and is the full-supervision baseline; regi
 """
 from __future__ import annotations
 
+import os
 import warnings
-
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,11 +19,42 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from .data.batch import IGNORE_INDEX, validate_batch
+from .data.batch import IGNORE_INDEX, complete_flags, validate_batch
 from .errors import NonFiniteLossError
+from .inference import Predictor, flip_tta, native_inference, output_stride, to_native, whole_image
 from .losses.dice import soft_dice_loss
 from .metrics import HD95, DiceIoU
 from .nn import replace_batchnorm
+
+
+def adopt_weakseg_collate(trainer) -> None:
+    """Give :func:`lightning_weakseg.data.collate` to the loaders passed to the trainer directly whose collate is
+    PyTorch's default and whose samples are dicts with an ``image`` (a plain user ``Dataset``)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils.collate import default_collate
+
+    from .data.batch import collate
+
+    loops = [getattr(trainer, "fit_loop", None), getattr(trainer, "validate_loop", None),
+             getattr(trainer, "test_loop", None), getattr(trainer, "predict_loop", None)]
+    fit_loop = loops[0]
+    if fit_loop is not None:
+        loops.append(getattr(getattr(fit_loop, "epoch_loop", None), "val_loop", None))
+    for loop in loops:
+        source = getattr(getattr(loop, "_data_source", None), "instance", None)
+        if source is None or isinstance(source, (L.LightningModule, L.LightningDataModule)):
+            continue
+        loaders = source.values() if isinstance(source, dict) else source if isinstance(source, (list, tuple)) \
+            else [source]
+        for dl in loaders:
+            if not isinstance(dl, DataLoader) or dl.collate_fn is not default_collate:
+                continue
+            try:
+                first = dl.dataset[0]
+            except Exception:  # not indexable (iterable data set): leave it alone
+                continue
+            if isinstance(first, dict) and "image" in first:
+                dl.collate_fn = collate
 
 
 def on_subset(fn, has: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
@@ -63,6 +95,17 @@ class WeakSegModule(L.LightningModule):
         norm: ``"batch"`` (SMP's default) or a batch-independent replacement of every BatchNorm: ``"group"``,
             ``"instance"``, ``"frozen"`` (see :func:`lightning_weakseg.nn.replace_batchnorm`).
         model_kwargs: extra keyword arguments for ``smp.create_model``.
+        predict_scale: how ``predict_step`` and the test metrics see an image (:mod:`lightning_weakseg.inference`):
+            ``"train"`` (default) — in the base view of training (same resize, ``image_size``), probabilities
+            mapped back to the file's height × width; ``"native"`` — at the file's own pixel size (needs
+            ``batch["native_image"]``, which ``WeakSegDataModule(predict_dir=...)`` supplies), for models trained
+            at full resolution.
+        predict_window: ``"native"`` scale: images larger than this (px, a multiple of the encoder's stride) go
+            through sliding windows of this size; ``None``: always the whole image, padded to the stride.
+        predict_overlap, predict_blend: sliding windows' overlap fraction and blending (``"gaussian"`` or
+            ``"constant"``), by MONAI's ``sliding_window_inference``.
+        predict_tta: average the probabilities over flips (identity, horizontal, vertical, both) in predict and
+            test.
     """
 
     default_loss_weights: dict[str, float] = {"seg/ce": 1.0, "seg/dice": 1.0}
@@ -71,10 +114,18 @@ class WeakSegModule(L.LightningModule):
                  in_channels: int = 3, num_classes: int = 2, mask_key: str = "mask", dice_weight: float = 0.0,
                  loss_weights: dict[str, float] | None = None, lr: float = 1e-3, weight_decay: float = 1e-4,
                  scheduler: str = "cosine", cls_head: bool = False, on_nonfinite: str = "raise",
-                 norm: str = "batch", model_kwargs: dict[str, Any] | None = None):
+                 norm: str = "batch", model_kwargs: dict[str, Any] | None = None, predict_scale: str = "train",
+                 predict_window: int | None = None, predict_overlap: float = 0.25, predict_blend: str = "gaussian",
+                 predict_tta: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError("num_classes counts background: binary segmentation is num_classes=2")
+        if predict_scale not in ("train", "native"):
+            raise ValueError(f"predict_scale must be 'train' or 'native', got {predict_scale!r}")
+        if predict_blend not in ("gaussian", "constant"):
+            raise ValueError(f"predict_blend must be 'gaussian' or 'constant', got {predict_blend!r}")
+        if not 0.0 <= predict_overlap < 1.0:
+            raise ValueError(f"predict_overlap must be in [0, 1), got {predict_overlap}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.save_hyperparameters()
@@ -90,6 +141,10 @@ class WeakSegModule(L.LightningModule):
         self.val_hd95 = HD95(num_classes)
         self.test_scores = DiceIoU(num_classes)
         self.test_hd95 = HD95(num_classes)
+        # with native masks the test numbers are computed at each image's own size; these keep the base-view ones
+        self.test_scores_train_size = DiceIoU(num_classes)
+        self.test_hd95_train_size = HD95(num_classes)
+        self._data_config: dict = {}  # the data's preprocessing, from a checkpoint (save_pretrained writes it)
         # mean per-sample CE over the evaluated samples, summed and counted across DDP ranks (a mean of the
         # ranks' means would weigh unequal shards wrongly)
         self.val_ce, self.test_ce = MeanMetric(), MeanMetric()
@@ -199,9 +254,16 @@ class WeakSegModule(L.LightningModule):
         if "mask" in batch:
             # samples flagged "pad" only even out the DDP shards (data/sampling.py): they are not scored
             keep = ~batch["pad"] if "pad" in batch else slice(None)
-            pred = out["logits"].argmax(1)[keep]
             scores, hd = (self.val_scores, self.val_hd95) if stage == "val" else (self.test_scores, self.test_hd95)
+            probs = out["probs"]
+            if stage == "test" and self.hparams.get("predict_tta", False):
+                probs = whole_image(self.predictor(), batch["image"], output_stride(self.model))
+            pred = probs.argmax(1)[keep]
             target = batch["mask"][keep]
+            if stage == "test" and batch.get("native_mask") is not None:
+                # the test numbers are those at each image's own resolution; the base view's are kept aside
+                self._score_native(batch, probs)
+                scores, hd = self.test_scores_train_size, self.test_hd95_train_size
             if pred.shape[0]:
                 scores.update(pred, target)
                 hd.update(pred, torch.where(target == IGNORE_INDEX, 0, target))
@@ -212,6 +274,27 @@ class WeakSegModule(L.LightningModule):
             self.log(f"{stage}/ce", ce_metric, on_step=False, on_epoch=True)
         return out
 
+    def _score_native(self, batch: dict, probs: torch.Tensor) -> None:
+        """Dice / IoU / HD95 of the base-view probabilities mapped to each image's source size
+        (:func:`~lightning_weakseg.inference.to_native`) against ``native_mask``, one image at a time."""
+        B = probs.shape[0]
+        pad = batch.get("pad")
+        has = batch.get("has_native_mask")
+        idx = [i for i in range(B) if (pad is None or not bool(pad[i])) and (has is None or bool(has[i]))]
+        if not idx:
+            return
+        content, orig = batch.get("content"), batch.get("orig_size")
+        native = to_native(probs[idx], None if content is None else content[idx], None if orig is None else orig[idx])
+        for i, p in zip(idx, native):
+            target = batch["native_mask"][i].to(p.device).long()
+            if tuple(target.shape) != tuple(p.shape[-2:]):
+                raise ValueError(f"sample {batch.get('id', [None] * B)[i]}: native_mask is {tuple(target.shape)} "
+                                 f"but the prediction maps back to {tuple(p.shape[-2:])} (orig_size / content)")
+            pred = p.argmax(0)[None]
+            target = target[None]
+            self.test_scores.update(pred, target)
+            self.test_hd95.update(pred, torch.where(target == IGNORE_INDEX, 0, target))
+
     def validation_step(self, batch: dict, batch_idx: int):
         self._eval_step(batch, "val")
 
@@ -220,21 +303,32 @@ class WeakSegModule(L.LightningModule):
 
     def _log_scores(self, stage: str):
         scores, hd = (self.val_scores, self.val_hd95) if stage == "val" else (self.test_scores, self.test_hd95)
+        if stage == "test":
+            # under DDP every rank takes part in the metric sync, also one whose shard held no native mask
+            native = self.trainer.world_size > 1 or int(self.test_scores_train_size.count.sum()) > 0
+            if native:
+                self._log_score_set(self.test_scores_train_size, self.test_hd95_train_size, stage, "_train_size",
+                                    main=False)
+        self._log_score_set(scores, hd, stage)
+
+    def _log_score_set(self, scores: DiceIoU, hd: HD95, stage: str, suffix: str = "", main: bool = True):
         if int(scores.count.sum()) == 0 and not self.trainer.world_size > 1:
+            scores.reset()
+            hd.reset()
             return
         # torchmetrics squeezes one-element results: binary segmentation has one foreground class
         dice, iou = (v.reshape(-1) for v in scores.compute())
         hd95 = hd.compute().reshape(-1)
-        logs = {f"{stage}/dice": torch.nanmean(dice), f"{stage}/iou": torch.nanmean(iou),
-                f"{stage}/hd95": torch.nanmean(hd95)}
+        logs = {f"{stage}/dice{suffix}": torch.nanmean(dice), f"{stage}/iou{suffix}": torch.nanmean(iou),
+                f"{stage}/hd95{suffix}": torch.nanmean(hd95)}
         for c in range(dice.numel()):
-            logs[f"{stage}/dice_{c + 1}"] = dice[c]
-            logs[f"{stage}/iou_{c + 1}"] = iou[c]
-            logs[f"{stage}/hd95_{c + 1}"] = hd95[c]
+            logs[f"{stage}/dice_{c + 1}{suffix}"] = dice[c]
+            logs[f"{stage}/iou_{c + 1}{suffix}"] = iou[c]
+            logs[f"{stage}/hd95_{c + 1}{suffix}"] = hd95[c]
         # metric states were already reduced across ranks by torchmetrics: no second sync
-        main = logs.pop(f"{stage}/dice")
+        first = logs.pop(f"{stage}/dice{suffix}")
         self.log_dict(logs, prog_bar=False)
-        self.log(f"{stage}/dice", main, prog_bar=True)
+        self.log(f"{stage}/dice{suffix}", first, prog_bar=main)
         scores.reset()
         hd.reset()
 
@@ -244,9 +338,176 @@ class WeakSegModule(L.LightningModule):
     def on_test_epoch_end(self):
         self._log_scores("test")
 
+    # ------------------------------------------------------------------ inference
+    def predictor(self) -> Predictor:
+        """``x (B,C,H,W) → probabilities (B,K,H,W)`` of the network inference uses, with flip test-time
+        augmentation when ``predict_tta``."""
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return self(x)["probs"]
+        return flip_tta(predict) if self.hparams.get("predict_tta", False) else predict
+
+    def native_probs(self, batch: dict, indices: list[int] | None = None) -> list[torch.Tensor]:
+        """Class probabilities (K,H0,W0) at each image's source size, for the samples ``indices`` of the batch
+        (all by default), at the scale ``predict_scale`` says (:mod:`lightning_weakseg.inference`). A batch
+        without ``orig_size`` / ``content`` is taken as being at its native size."""
+        h = self.hparams
+        B = batch["image"].shape[0]
+        idx = list(range(B)) if indices is None else [int(i) for i in indices]
+        if not idx:
+            return []
+        predictor, stride = self.predictor(), output_stride(self.model)
+        if h.get("predict_scale", "train") == "native":
+            images = batch.get("native_image")
+            if images is None:
+                raise ValueError("predict_scale='native' needs the images at their own size (batch['native_image']);"
+                                 " WeakSegDataModule(predict_dir=...) supplies them")
+            return [native_inference(predictor, images[i][None].to(self.device, torch.float32), stride,
+                                     h.get("predict_window"), h.get("predict_overlap", 0.25),
+                                     h.get("predict_blend", "gaussian"))[0] for i in idx]
+        probs = whole_image(predictor, batch["image"][idx], stride)
+        content, orig = batch.get("content"), batch.get("orig_size")
+        return to_native(probs, None if content is None else content[idx], None if orig is None else orig[idx])
+
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        out = self(batch["image"])
-        return {"probs": out["probs"], "labels": out["probs"].argmax(1), "id": batch.get("id")}
+        """Per image of the batch (DDP filler samples, ``batch["pad"]``, left out): ``probs`` list of float
+        (K,H0,W0) and ``labels`` list of long (H0,W0) at the image's source size, ``id`` list of names,
+        ``index`` long (N,), ``orig_size`` long (N,2)."""
+        B = batch["image"].shape[0]
+        pad = batch.get("pad")
+        idx = [i for i in range(B) if pad is None or not bool(pad[i])]
+        probs = self.native_probs(batch, idx)
+        ids = batch.get("id")
+        ids = [str(ids[i]) for i in idx] if ids is not None else [str(i) for i in idx]
+        index = batch["index"][idx] if "index" in batch else torch.tensor(idx)
+        return {"probs": probs, "labels": [p.argmax(0) for p in probs], "id": ids, "index": index,
+                "orig_size": torch.tensor([list(p.shape[-2:]) for p in probs], dtype=torch.long).reshape(-1, 2)}
+
+    # ------------------------------------------------------------------ a model to ship
+    DATA_CONFIG_KEYS = ("image_size", "resize", "color_mode", "tiles", "source", "synthetic_kind")
+
+    def data_config(self) -> dict:
+        """The data's preprocessing (``image_size``, ``resize``, ``color_mode``, ``tiles``): from the attached
+        data module, else from the checkpoint this module was loaded from (``{}`` when neither is known)."""
+        dm = None
+        if self._trainer is not None:
+            dm = getattr(self._trainer, "datamodule", None)
+        hp = getattr(dm, "hparams", None)
+        if hp:
+            return {k: hp[k] for k in self.DATA_CONFIG_KEYS if k in hp}
+        return dict(self._data_config)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["weakseg_data_config"] = self.data_config()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._data_config = dict(checkpoint.get("weakseg_data_config") or {})
+
+    def inference_network(self) -> torch.nn.Module:
+        """The SMP network whose output is the module's prediction (``self.model``; two-network regimes
+        override this). :meth:`save_pretrained` writes it."""
+        return self.model
+
+    def save_pretrained(self, save_directory: str | Path, class_names: list[str] | None = None,
+                        preprocessing: dict | None = None) -> Path:
+        """Write the inference network as a plain SMP model plus ``weakseg.json``, its metadata.
+
+        ``segmentation_models_pytorch.from_pretrained(save_directory)`` rebuilds the network without this
+        library; it returns logits (B, num_classes, H, W): softmax over dim 1, argmax for the label map. Inputs
+        are float images in [0, 1] (uint8 / 255, uint16 / 65535; no mean/std normalisation), RGB channel order,
+        height and width multiples of ``output_stride``; ``weakseg.json`` says how training resized them
+        (``preprocessing``: ``image_size``, ``resize``, ``color_mode``, taken from the data module or the
+        checkpoint; ``preprocessing=`` overrides), the class names (``class_names``, default ``class_0..``) and
+        the architecture.
+
+        Only networks that plain SMP can rebuild: ``norm="batch"`` or ``"frozen"`` (in eval mode frozen
+        BatchNorm is BatchNorm); GroupNorm replacements (``norm="group"|"instance"``) raise a ``ValueError``.
+        """
+        import json
+
+        h = self.hparams
+        norm = h.get("norm", "batch")
+        if norm not in ("batch", "frozen"):
+            raise ValueError(f"save_pretrained writes a plain SMP model, which has BatchNorm layers; this module "
+                             f"replaced them (norm={norm!r}), so segmentation_models_pytorch.from_pretrained could "
+                             "not rebuild it. Save a checkpoint instead (WeakSegModule.load_from_checkpoint).")
+        if class_names is not None and len(class_names) != self.num_classes:
+            raise ValueError(f"class_names: expected {self.num_classes} names (background first), got "
+                             f"{len(class_names)}: {list(class_names)}")
+        net = self.inference_network()
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        net.save_pretrained(str(out))
+        config = getattr(net, "_hub_mixin_config", None) or {}
+        pre = {**self.data_config(), **(preprocessing or {})}
+        meta = {
+            "format": "lightning-weakseg/smp",
+            "module": type(self).__name__,
+            "network": self.inference_network_name(),
+            "arch": type(net).__name__,
+            "encoder": config.get("encoder_name", h.get("encoder")),
+            "num_classes": self.num_classes,
+            "class_names": list(class_names) if class_names is not None else [f"class_{c}" for c in
+                                                                              range(self.num_classes)],
+            "in_channels": h.get("in_channels"),
+            "output_stride": output_stride(net),
+            "input": {"dtype": "float32", "range": [0.0, 1.0], "channel_order": "RGB",
+                      "normalisation": "none (uint8 / 255, uint16 / 65535; no mean/std)"},
+            "output": "logits (B, num_classes, H, W): softmax over dim 1; label map = argmax over dim 1",
+            "preprocessing": pre,
+            "predict_scale": h.get("predict_scale", "train"),
+        }
+        tmp = out / "weakseg.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+        os.replace(tmp, out / "weakseg.json")
+        return out
+
+    def inference_network_name(self) -> str:
+        """The attribute :meth:`inference_network` returns (``"model"``)."""
+        return "model"
+
+    # ------------------------------------------------------------------ data in
+    def setup(self, stage: str) -> None:
+        """Loaders handed to ``Trainer.fit/validate/test/predict`` directly that use PyTorch's default collate
+        get :func:`lightning_weakseg.data.collate` instead when their samples are dicts with an ``image``: the
+        default collate cannot batch a variable number of boxes or points per image."""
+        super().setup(stage)
+        if self._trainer is not None:
+            adopt_weakseg_collate(self.trainer)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Every batch, from any collate: missing ``has_*`` flags mean "every sample carries the keys present"
+        (:func:`~lightning_weakseg.data.batch.complete_flags`, the one place where flags are derived)."""
+        if isinstance(batch, dict):
+            complete_flags(batch)
+        return batch
+
+    def on_train_start(self) -> None:
+        """A run resumed with another length (e.g. a larger ``max_epochs``) has a cosine schedule sized for the
+        old one, which would climb back up after its end: the schedule is re-sized to the new number of steps,
+        the learning rate set to the new schedule's value at the current step, and a warning says so."""
+        if self.hparams.scheduler != "cosine" or self._trainer is None:
+            return
+        sched = self.lr_schedulers()
+        if isinstance(sched, list):
+            sched = sched[0] if sched else None
+        if not isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            return
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        if sched.T_max == total:
+            return
+        import math
+        step, old_total = sched.last_epoch, sched.T_max
+        old_lrs = [g["lr"] for g in sched.optimizer.param_groups]
+        sched.T_max = total
+        for g, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            g["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * min(step, total) / total)) / 2
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        rank_zero_warn(f"the run was resumed with {total} training steps in all where the checkpoint's cosine "
+                       f"schedule had {old_total}: the schedule now spans {total} steps "
+                       f"and the learning rate at step {step} is that of the new schedule "
+                       f"({old_lrs[0]:.3g} -> {sched._last_lr[0]:.3g})")
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

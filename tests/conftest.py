@@ -3,6 +3,9 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# the data check's report cache goes to a fresh folder per test run, not to the user's ~/.cache
+import tempfile  # noqa: E402
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="weakseg-test-cache-")
 
 import torch  # noqa: E402
 

@@ -324,8 +324,14 @@ def test_bad_box_in_folder_data_names_file_and_field(tmp_path):
     dm = WeakSegDataModule(source="folder", root=str(tmp_path), boxes_json="boxes.json", num_classes=2,
                            in_channels=3, image_size=16, train_labels=["boxes"], val_fraction=0.0, augment="none",
                            shuffle=False)
+    with pytest.raises(WeakSegDataError, match="outside") as e:  # the up-front check finds it
+        dm.setup("fit")
+    assert e.value.field == "boxes" and e.value.sample == "im1" and "boxes.json" in str(e.value)
+    dm = WeakSegDataModule(source="folder", root=str(tmp_path), boxes_json="boxes.json", num_classes=2,
+                           in_channels=3, image_size=16, train_labels=["boxes"], val_fraction=0.0, augment="none",
+                           shuffle=False, check=False)
     dm.setup("fit")
-    with pytest.raises(WeakSegDataError, match="outside") as e:
+    with pytest.raises(WeakSegDataError, match="outside") as e:  # without it: when the sample is read
         collate([dm.train_dataset[i] for i in range(len(dm.train_dataset))])
     assert e.value.field == "boxes" and "im1" in str(e.value)
 

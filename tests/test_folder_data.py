@@ -76,7 +76,7 @@ def test_mask_values_out_of_range_and_mask_map(tmp_path):
     with pytest.raises(WeakSegDataError) as e:
         FolderDataset(root, num_classes=2, in_channels=3, image_size=16)[0]
     assert e.value.field == "mask" and "200" in str(e.value)
-    ds = FolderDataset(root, num_classes=2, in_channels=3, image_size=16, mask_map={200: 1})
+    ds = FolderDataset(root, num_classes=2, in_channels=3, image_size=16, mask_map={200: 1}, resize="stretch")
     assert ds[0]["mask"].unique().tolist() == [1]
 
 

@@ -16,7 +16,19 @@ key            sample                   batch
 ``points``     float (M,3)              list of B float (M_i,3)               + ``has_points``
 ``index``      int                      long (B,)
 ``id``         str                      list[str]
+``orig_size``  long (2,) ``[H0, W0]``   long (B,2)     the source file's size
+``content``    long (4,)                long (B,4)     ``[top, left, h, w]`` of the base view that holds
+                                                       the resized image (the rest is padding)
+``native_mask`` long (H0,W0)            list of B long (H0_i,W0_i)            + ``has_native_mask``
+``valid``      bool (H,W)               bool (B,H,W)   pixels that hold the image (absent: all)
 ============== ======================== ==========================================================
+
+* Only ``image`` is required. A batch built by another collate (e.g. PyTorch's default) may omit the
+  ``has_*`` flags: :func:`complete_flags` then marks every sample as carrying each label key present
+  (the module calls it on every batch, in one place).
+* Padding (``resize="longest"`` or ``"pad"``): pixels of the base view outside ``content`` are image
+  zeros, and 255 (unknown) in every label map; :func:`content_mask` gives them as a bool map so that
+  losses and metrics leave them out.
 
 * Dense label maps use ``IGNORE_INDEX`` (255) for unknown pixels; their values are class ids in
   ``[0, num_classes)``. Full, noisy, scribble and pseudo masks are all masks, told apart by key.
@@ -43,6 +55,7 @@ DENSE_KEYS = MASK_KEYS + ("instances",)
 LIST_KEYS = ("boxes", "points")
 LABEL_KEYS = MASK_KEYS + ("instances", "tags", "boxes", "points")
 COUNT_KEYS = ("dropped_boxes", "dropped_points")
+GEOMETRY_KEYS = ("orig_size", "content")
 
 
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # torch has no comparisons for these on CPU
@@ -264,6 +277,21 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             rows.append(t)
         batch[key] = rows
         batch[f"has_{key}"] = torch.tensor(present)
+    if any(s.get("native_mask") is not None for s in samples):
+        present = [s.get("native_mask") is not None for s in samples]
+        batch["native_mask"] = [_as_tensor(s["native_mask"], names[i], "native_mask").long() if present[i]
+                                else torch.zeros(0, 0, dtype=torch.long) for i, s in enumerate(samples)]
+        batch["has_native_mask"] = torch.tensor(present)
+    if any(s.get("valid") is not None for s in samples):
+        batch["valid"] = torch.stack([_as_tensor(s["valid"], names[i], "valid").bool()
+                                      if s.get("valid") is not None else torch.ones(H, W, dtype=torch.bool)
+                                      for i, s in enumerate(samples)])
+    for key, width in (("orig_size", 2), ("content", 4)):
+        if any(key in s for s in samples):
+            if not all(key in s for s in samples):
+                raise WeakSegDataError(f"some samples of the batch carry '{key}' and some do not", names, key)
+            batch[key] = torch.stack([_as_tensor(s[key], names[i], key).long().reshape(width)
+                                      for i, s in enumerate(samples)])
     if any(s.get("pad") for s in samples):  # evaluation filler under DDP (data/sampling.py): not scored
         batch["pad"] = torch.tensor([bool(s.get("pad", False)) for s in samples])
     for key in COUNT_KEYS:
@@ -336,3 +364,50 @@ def validate_batch(batch: Mapping[str, Any], num_classes: int) -> None:
                     raise WeakSegDataError(f"expected a float tensor (N,{width}), got {type(r).__name__} "
                                            f"{tuple(getattr(r, 'shape', ()))} {getattr(r, 'dtype', '')}", ids[i], key)
                 check(r, spatial[-2], spatial[-1], num_classes, ids[i])
+
+
+def complete_flags(batch: dict) -> dict:
+    """Fill in what a batch from any collate may lack, in place, and return it.
+
+    A label key present without its ``has_<key>`` flag means "every sample of the batch carries it" (a plain
+    user ``Dataset`` with PyTorch's default collate); integer label maps become ``long``; ``boxes`` / ``points``
+    stacked into one (B,N,w) tensor (equal counts under the default collate) become the contract's list.
+    Nothing is relabelled: values are checked afterwards by :func:`validate_batch`."""
+    x = batch.get("image")
+    if not isinstance(x, torch.Tensor) or x.ndim < 1:
+        return batch
+    B = x.shape[0]
+    for key, width in (("boxes", 5), ("points", 3)):
+        v = batch.get(key)
+        if isinstance(v, torch.Tensor):
+            if v.ndim != 3 or v.shape[0] != B or v.shape[2] != width:
+                raise WeakSegDataError(f"expected a list of B tensors (N_i,{width}), got one tensor of shape "
+                                       f"{tuple(v.shape)}", None, key)
+            batch[key] = [r.float() for r in v.unbind(0)]
+    for key in LABEL_KEYS + ("native_mask",):
+        if key in batch and batch[key] is not None and f"has_{key}" not in batch:
+            batch[f"has_{key}"] = torch.ones(B, dtype=torch.bool, device=x.device)
+    for key in DENSE_KEYS:
+        m = batch.get(key)
+        if isinstance(m, torch.Tensor) and m.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+            batch[key] = m.long()
+    if isinstance(batch.get("tags"), torch.Tensor) and not batch["tags"].is_floating_point():
+        batch["tags"] = batch["tags"].float()
+    return batch
+
+
+def content_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """bool (B,H,W): True on the pixels of the base view that hold the image, False on padding; ``None`` when
+    the batch carries no ``content`` (no padding anywhere)."""
+    if batch.get("valid") is not None:
+        return batch["valid"].bool()
+    content = batch.get("content")
+    if content is None:
+        return None
+    x = batch["image"]
+    H, W = x.shape[-2:]
+    c = content.to(x.device)
+    ys = torch.arange(H, device=x.device)[None, :, None]
+    xs = torch.arange(W, device=x.device)[None, None, :]
+    top, left, h, w = (c[:, i, None, None] for i in range(4))
+    return (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -81,6 +82,18 @@ class WeakSegDataModule(L.LightningDataModule):
         augment: training augmentation: ``"default"``, ``"light"``, ``"none"``.
         max_train_samples: optional cap on the training split (seeded subset), for budgets.
         shuffle: shuffle the training set each epoch (off for exact 1-process vs DDP comparisons).
+        resize: how an image becomes the ``image_size`` base view: ``"longest"`` (default: keep the aspect, scale
+            the longest side, pad; padded pixels are unknown in every label map), ``"pad"`` (pad only) or
+            ``"stretch"`` (:mod:`~lightning_weakseg.data.geometry`).
+        on_bad_data: what the up-front data check (:mod:`~lightning_weakseg.data.check`) does with problems:
+            ``"raise"`` (default: one error listing them all) or ``"skip"`` (leave the bad samples out, print
+            and log the list). Data-set-wide problems (e.g. masks stored 0/255) always raise.
+        check: run the data check in ``setup`` (folder data; cached by a fingerprint of the files).
+        check_cache_dir: where check reports are cached (default ``~/.cache/lightning_weakseg/data_check``).
+        predict_dir: a folder of images to predict (no labels needed, any size).
+        test_dir: a separate labelled test folder (same layout arguments as ``root``).
+        native_eval: evaluation samples of folder data carry their mask at the file's resolution, and test
+            scores are computed there.
     """
 
     def __init__(self, source: str = "synthetic", synthetic_kind: str = "organ", n_samples: int = 200,
@@ -92,7 +105,10 @@ class WeakSegDataModule(L.LightningDataModule):
                  weakify: dict | None = None, augment: str = "default", batch_size: int = 8, num_workers: int = 0,
                  val_fraction: float = 0.2, test_fraction: float = 0.0, max_train_samples: int | None = None,
                  eval_batch_size: int | None = None, shuffle: bool = True, seed: int = 0,
-                 class_presence: float = 1.0, tiles: int = 1, tile_eval: str = "tiles"):
+                 class_presence: float = 1.0, tiles: int = 1, tile_eval: str = "tiles",
+                 resize: str = "longest", on_bad_data: str = "raise", check: bool = True,
+                 check_cache_dir: str | None = None, predict_dir: str | None = None,
+                 test_dir: str | None = None, native_eval: bool = True):
         super().__init__()
         if int(tiles) != tiles or tiles < 1:
             raise ValueError(f"tiles must be a positive integer, got {tiles!r}")
@@ -125,7 +141,7 @@ class WeakSegDataModule(L.LightningDataModule):
         else:
             ds = FolderDataset(h.root, image_dir=h.image_dir, mask_dir=h.mask_dir, instance_dir=h.instance_dir,
                                scribble_dir=h.scribble_dir, boxes_json=h.boxes_json, mask_map=h.mask_map,
-                               color_mode=h.color_mode, **common)
+                               color_mode=h.color_mode, resize=h.get("resize", "longest"), **common)
             groups = ds.groups(h.group_regex)
         if grid > 1:
             ds = TiledDataset(ds, grid, **{**common, "image_size": h.image_size})
@@ -136,8 +152,13 @@ class WeakSegDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         h = self.hparams
+        if stage == "predict" and h.get("predict_dir"):
+            return  # only the prediction folder is read: the training data need not be on this machine
         ds, groups = self._full()
         split = group_split(groups, h.val_fraction, h.test_fraction, h.seed)
+        bad = self._run_check(ds)
+        if bad:
+            split = {k: [i for i in v if i not in bad] for k, v in split.items()}
         train_idx = split["train"]
         if h.max_train_samples is not None and len(train_idx) > h.max_train_samples:
             rng = np.random.default_rng(h.seed + 1)
@@ -155,9 +176,68 @@ class WeakSegDataModule(L.LightningDataModule):
             # validate / test on the whole images (at tiles × image_size) the evaluation tiles came from
             eval_ds, per = ds.source, ds.grid ** 2
             val_idx, test_idx = sorted({i // per for i in val_idx}), sorted({i // per for i in test_idx})
-        self.val_dataset = eval_ds.subset(val_idx, labels=eval_labels, augment="none")
-        self.test_dataset = eval_ds.subset(test_idx, labels=eval_labels, augment="none") if test_idx else None
+        native = h.source == "folder" and h.get("native_eval", True)
+        self.val_dataset = eval_ds.subset(val_idx, labels=eval_labels, augment="none", native_eval=native)
+        self.test_dataset = (eval_ds.subset(test_idx, labels=eval_labels, augment="none", native_eval=native)
+                             if test_idx else None)
+        if h.get("test_dir"):  # a separate labelled test folder replaces the test split
+            self.test_dataset = self._test_folder(eval_labels)
         self.full_dataset = ds
+
+    def _boxes_trained(self) -> bool:
+        h = self.hparams
+        keys = set(h.train_labels or ())
+        for name in (h.label_fractions or {}):
+            keys |= set(name.split("+"))
+        return "boxes" in keys
+
+    def check_data(self, use_cache: bool = True):
+        """Run the up-front data check (:func:`~lightning_weakseg.data.check.check_folder`) on the folder data and
+        return its :class:`~lightning_weakseg.data.check.DataReport` (``None`` for synthetic data)."""
+        ds, _ = self._full()
+        return self._check_report(ds, use_cache)
+
+    def _check_report(self, ds, use_cache: bool = True):
+        from .check import check_folder
+        folder = ds.source if isinstance(ds, TiledDataset) else ds
+        if not isinstance(folder, FolderDataset):
+            return None
+        folder.boxes_required = self._boxes_trained()
+        return check_folder(folder, boxes_trained=folder.boxes_required, cache_dir=self.hparams.check_cache_dir,
+                            use_cache=use_cache)
+
+    def _run_check(self, ds) -> set[int]:
+        """The check before training: raise on problems (``on_bad_data="raise"``) or return the raw indices of
+        ``ds`` to leave out (``"skip"``); the report is printed and, with a logger, written as data_check.json."""
+        h = self.hparams
+        mode = h.get("on_bad_data", "raise")
+        if mode not in ("raise", "skip"):
+            raise ValueError(f"on_bad_data must be 'raise' or 'skip', got {mode!r}")
+        if not h.get("check", True):
+            return set()
+        report = self._check_report(ds)
+        self.data_report = report
+        if report is None:
+            return set()
+        trainer = getattr(self, "_trainer", None)
+        log_dir = getattr(trainer, "log_dir", None) if trainer is not None else None
+        if log_dir and getattr(trainer, "is_global_zero", True):
+            import json
+            import os
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, "data_check.json"), "w") as f:
+                json.dump(report.to_dict(), f, indent=1)
+        if report.problems or report.notes:
+            rank_zero_warn(report.format())
+        else:
+            rank_zero_info(report.format())
+        if report.dataset_wide() or (report.problems and mode == "raise"):
+            report.raise_if_bad()
+        bad = report.bad_indices()
+        if isinstance(ds, TiledDataset):
+            per = ds.grid ** 2
+            bad = {j * per + t for j in bad for t in range(per)}
+        return bad
 
     def _loader(self, ds, shuffle: bool, batch_size: int | None = None):
         sampler = None
@@ -169,14 +249,15 @@ class WeakSegDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers, collate_fn=collate,
                           persistent_workers=False, drop_last=False)
 
-    def _eval_loader(self, ds):
+    def _eval_loader(self, ds, collate_fn=collate):
         """Evaluation: in one process the plain order; under DDP even shards whose filler samples carry
-        ``pad=True``, which the module leaves out of its metrics (no sample counts twice)."""
+        ``pad=True``, which the module leaves out of its metrics and predictions (no sample counts twice)."""
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self._loader(ds, False, batch_size)
+            return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=self.hparams.num_workers,
+                              collate_fn=collate_fn, drop_last=False)
         return DataLoader(PadFlagged(ds), batch_size=batch_size, sampler=PaddedEvalSampler(ds),
-                          num_workers=self.hparams.num_workers, collate_fn=collate, drop_last=False)
+                          num_workers=self.hparams.num_workers, collate_fn=collate_fn, drop_last=False)
 
     def train_dataloader(self):
         """The training loader: epoch ``e``'s order depends only on ``(seed, e)`` (also with ``shuffle=True``,
@@ -215,11 +296,38 @@ class WeakSegDataModule(L.LightningDataModule):
         return self._eval_loader(self.val_dataset)
 
     def test_dataloader(self):
-        ds = self.test_dataset if self.test_dataset is not None else self.val_dataset
+        """``test_dir`` when given, else the test split (``test_fraction``); with neither, the validation split,
+        with a warning: those scores are not held out from model selection."""
+        ds = self.test_dataset
+        if ds is None:
+            rank_zero_warn("WeakSegDataModule: no test set (test_fraction=0 and no test_dir): the test loop scores "
+                           "the VALIDATION split. Pass test_dir=<labelled folder> or test_fraction>0 for held-out "
+                           "test scores.")
+            ds = self.val_dataset
         return self._eval_loader(ds)
 
+    def _test_folder(self, labels):
+        """The labelled folder ``test_dir``, read with the training layout arguments (sub-folders, mask_map,
+        color_mode); whole images (with ``tiles``: at ``tiles × image_size``, the scale training saw)."""
+        h = self.hparams
+        return FolderDataset(h.test_dir, image_dir=h.image_dir, mask_dir=h.mask_dir, instance_dir=h.instance_dir,
+                             mask_map=h.mask_map, color_mode=h.color_mode, num_classes=self.num_classes,
+                             in_channels=self.in_channels, image_size=h.image_size * int(h.get("tiles", 1)),
+                             labels=labels, augment="none", seed=h.seed, resize=h.get("resize", "longest"),
+                             native_eval=bool(h.get("native_eval", True)))
+
     def predict_dataloader(self):
-        return self.test_dataloader()
+        """The images of ``predict_dir`` (no labels, any size; :class:`~.predict.PredictDataset`, base view
+        ``tiles × image_size``: the scale training saw), else the test set (or the validation split). Under DDP
+        each image is predicted by one rank (filler samples carry ``pad``)."""
+        h = self.hparams
+        if not h.get("predict_dir"):
+            return self._eval_loader(self.test_dataset if self.test_dataset is not None else self.val_dataset)
+        from .predict import PredictDataset, predict_collate
+        ds = PredictDataset(h.predict_dir, in_channels=self.in_channels,
+                            image_size=h.image_size * int(h.get("tiles", 1)),
+                            resize=h.get("resize", "longest"), color_mode=h.color_mode, num_classes=self.num_classes)
+        return self._eval_loader(ds, predict_collate)
 
     def train_eval_dataloader(self, batch_size: int | None = None):
         """The training samples in the base view, unshuffled and un-augmented (for pseudo-label makers)."""

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import WeakSegDataError
 from .batch import IGNORE_INDEX, LABEL_KEYS, MASK_KEYS, validate_sample
+from .geometry import RESIZE_MODES, fit
 from .transforms import apply, compose, train_augmentation
 from .weakify import weakify as derive_weak_labels
 
@@ -25,7 +27,10 @@ class WeakSegDataset(Dataset):
     Args:
         num_classes: classes including background.
         in_channels: channels the model expects; a mismatch is an error naming the file.
-        image_size: the base view: every sample is resized to ``image_size`` (int or (H,W)) first.
+        image_size: the base view: every sample is brought to ``image_size`` (int or (H,W)) first, by ``resize``.
+        resize: ``"longest"`` (keep the aspect, pad; default), ``"pad"`` (pad only) or ``"stretch"``; see
+            :mod:`~lightning_weakseg.data.geometry`.
+        native_eval: samples also carry ``native_mask``, the mask at the file's resolution (evaluation).
         labels: label keys every sample carries (``mask``, ``noisy_mask``, ``scribble``, ``boxes``,
             ``points``, ``tags``, ``instances``). Labels the raw data lacks are derived from its mask by
             :mod:`~lightning_weakseg.data.weakify`, seeded per sample.
@@ -38,7 +43,7 @@ class WeakSegDataset(Dataset):
     def __init__(self, num_classes: int, in_channels: int, image_size: int | Sequence[int] = 64,
                  labels: Sequence[str] = ("mask",), label_plan: Sequence[Sequence[str]] | None = None,
                  weakify: dict | None = None, augment: str | list = "none", seed: int = 0,
-                 indices: Sequence[int] | None = None):
+                 indices: Sequence[int] | None = None, resize: str = "longest", native_eval: bool = False):
         unknown = set(labels) - set(LABEL_KEYS)
         if unknown:
             raise ValueError(f"unknown label keys {sorted(unknown)}; expected a subset of {LABEL_KEYS}")
@@ -51,8 +56,13 @@ class WeakSegDataset(Dataset):
         self.weakify_kwargs = dict(weakify or {})
         self.augment = augment
         self.indices = None if indices is None else list(indices)
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize = resize
+        self.native_eval = native_eval
         self.pseudo_labels: dict[int, np.ndarray] = {}
         self._weak_cache: dict[int, dict] = {}
+        self._warned_erased: set[int] = set()
         self._pipeline = None
 
     # ---- to implement ----
@@ -96,23 +106,50 @@ class WeakSegDataset(Dataset):
 
     # ---- the pipeline ----
     def _resize(self, raw: dict, name) -> dict:
+        """The raw sample in the base view (see :mod:`~lightning_weakseg.data.geometry`): image, label maps and
+        boxes scaled and padded alike; ``_fit`` / ``_orig_size`` record the geometry, ``valid`` marks the
+        pixels that hold the image, ``_erased`` counts weak labels the downscaling erased."""
         h0, w0 = raw["image"].shape[:2]
         H, W = self.image_hw
-        if (h0, w0) == (H, W):
-            return raw
-        sy, sx = H / h0, W / w0
+        g = fit(h0, w0, H, W, self.resize)
         out = dict(raw)
-        out["image"] = cv2.resize(raw["image"], (W, H), interpolation=cv2.INTER_AREA if sx < 1 else cv2.INTER_LINEAR)
-        if out["image"].ndim == 2:
-            out["image"] = out["image"][..., None]
+        out["_orig_size"], out["_fit"], out["_erased"] = (h0, w0), g, {}
+        if (g.h, g.w) == (h0, w0) and (g.h, g.w) == (H, W):
+            return out
+        pad = (g.top, H - g.top - g.h, g.left, W - g.left - g.w)
+
+        def place(a: np.ndarray, fill, interp) -> np.ndarray:
+            if (g.h, g.w) != a.shape[:2]:
+                a = cv2.resize(a, (g.w, g.h), interpolation=interp)
+                if raw["image"].ndim == 3 and a.ndim == 2 and interp != cv2.INTER_NEAREST:
+                    a = a[..., None]
+            if any(pad):
+                a = cv2.copyMakeBorder(a, *pad, cv2.BORDER_CONSTANT, value=fill)
+                if raw["image"].ndim == 3 and a.ndim == 2 and interp != cv2.INTER_NEAREST:
+                    a = a[..., None]
+            return a
+
+        out["image"] = place(raw["image"], 0, cv2.INTER_AREA if g.sx < 1 else cv2.INTER_LINEAR)
         for k in ("mask", "instances", "scribble"):
             if raw.get(k) is not None:
-                out[k] = cv2.resize(raw[k].astype(np.int32 if k == "instances" else np.uint8), (W, H),
-                                    interpolation=cv2.INTER_NEAREST)
+                m = place(raw[k].astype(np.int32 if k == "instances" else np.uint8),
+                          0 if k == "instances" else IGNORE_INDEX, cv2.INTER_NEAREST)
+                out[k] = m
+        if raw.get("scribble") is not None:
+            before = np.unique(raw["scribble"])
+            after = set(np.unique(out["scribble"]).tolist())
+            lost = [int(c) for c in before if c != IGNORE_INDEX and int(c) not in after]
+            if lost:
+                out["_erased"]["scribble"] = lost
+        if any(pad):
+            out["valid"] = place(np.ones((h0, w0), np.uint8), 0, cv2.INTER_NEAREST)
         if raw.get("boxes") is not None and len(raw["boxes"]):
             b = np.asarray(raw["boxes"], np.float32).copy()
-            b[:, [1, 3]] *= sx
-            b[:, [2, 4]] *= sy
+            b[:, [1, 3]] = b[:, [1, 3]] * g.sx + g.left
+            b[:, [2, 4]] = b[:, [2, 4]] * g.sy + g.top
+            small = ((b[:, 3] - b[:, 1]) < 1) | ((b[:, 4] - b[:, 2]) < 1)
+            if small.any():
+                out["_erased"]["boxes"] = int(small.sum())
             out["boxes"] = b
         return out
 
@@ -131,9 +168,24 @@ class WeakSegDataset(Dataset):
         name = self.sample_id(raw_i)
         raw = self.load_raw(raw_i)
         self.check_raw(raw, name)
+        native_mask = raw.get("mask")
         raw = self._resize(raw, name)
         keys = self.keys_for(raw_i)
         sample = {"image": raw["image"], "id": name}
+        if "_fit" in raw:
+            g = raw["_fit"]
+            sample["orig_size"] = np.asarray(raw["_orig_size"], np.int64)
+            sample["content"] = np.asarray([g.top, g.left, g.h, g.w], np.int64)
+        if raw.get("valid") is not None:
+            sample["valid"] = raw["valid"]
+        erased = {k: v for k, v in raw.get("_erased", {}).items() if k in keys}
+        if erased and raw_i not in self._warned_erased:
+            self._warned_erased.add(raw_i)
+            warnings.warn(f"sample {name}: resizing to {self.image_hw} erased weak labels: "
+                          + "; ".join(f"{k}: classes {v}" if k == "scribble" else f"{k}: {v} box(es) under one pixel"
+                                      for k, v in erased.items()), stacklevel=3)
+        if self.native_eval and native_mask is not None:
+            sample["native_mask"] = native_mask
         need = [k for k in keys if k in DERIVABLE and raw.get(k) is None]
         if need:
             if raw.get("mask") is None:
@@ -176,6 +228,8 @@ class WeakSegDataset(Dataset):
         raw_i = self.raw_index(int(i))
         s = self._base(raw_i)
         maps = {k: s[k] for k in MASK_KEYS + ("instances",) if k in s}
+        if "valid" in s:
+            maps["valid"] = s["valid"].astype(np.uint8)
         image = s["image"]
         boxes, points = s.get("boxes"), s.get("points")
         dropped_b = dropped_p = 0
@@ -190,8 +244,14 @@ class WeakSegDataset(Dataset):
                               stacklevel=2)
         out = {"image": torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(image, np.float32), 2, 0))),
                "index": raw_i, "id": s["id"]}
+        valid = maps.pop("valid", None)
         for k, m in maps.items():
             out[k] = torch.from_numpy(np.asarray(m).astype(np.int64))
+        if valid is not None:
+            out["valid"] = torch.from_numpy(np.asarray(valid) == 1)
+        for k in ("orig_size", "content", "native_mask"):
+            if k in s:
+                out[k] = torch.from_numpy(np.asarray(s[k]).astype(np.int64))
         if "tags" in s:
             out["tags"] = torch.from_numpy(np.asarray(s["tags"], np.float32))
         if boxes is not None:

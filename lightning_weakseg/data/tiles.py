@@ -66,7 +66,7 @@ class TiledDataset(WeakSegDataset):
         raw = self.source._resize(raw, src_id)
         H, W = self.image_hw
         ys, xs = slice(r * H, (r + 1) * H), slice(c * W, (c + 1) * W)
-        out = {k: v[ys, xs] for k, v in raw.items() if k != "boxes" and v is not None}
+        out = {k: v[ys, xs] for k, v in raw.items() if k != "boxes" and not k.startswith("_") and v is not None}
         if raw.get("boxes") is not None:
             b = np.asarray(raw["boxes"], np.float32).reshape(-1, 5).copy()
             b[:, [1, 3]] = np.clip(b[:, [1, 3]] - c * W, 0, W)

@@ -193,7 +193,7 @@ def tightness_prior(probs: Tensor, boxes, t: float | Tensor, band_width: int = 5
 
 
 def emptiness_constraint(probs: Tensor, boxes, t: float | Tensor, penalty: str = "log_barrier",
-                         reduction: str = "sum") -> Tensor:
+                         reduction: str = "sum", valid: Tensor | None = None) -> Tensor:
     r"""Emptiness as a constraint: no foreground of class c outside all boxes of class c.
 
     .. math::  \mathcal{L} = \sum_{\text{images}} \sum_{c \ge 1} \psi_t\Big(\sum_{i \notin \cup\,\text{boxes}_c} p_{ic}\Big)
@@ -211,11 +211,13 @@ def emptiness_constraint(probs: Tensor, boxes, t: float | Tensor, penalty: str =
     """
     p, *_, fg = _prepare(probs, boxes, "emptiness_constraint")
     inside = box_coverage(probs, boxes) > 0
+    if valid is not None:  # padding is neither inside nor outside a box
+        inside = inside | ~valid.bool()[:, None]
     outside_sum = p.masked_fill(inside, 0.0)[:, fg].sum((-1, -2))        # (B, C_fg)
     return _reduce(_penalty(outside_sum, t, penalty).sum(1), reduction)
 
 
-def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum") -> Tensor:
+def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum", valid: Tensor | None = None) -> Tensor:
     r"""Emptiness as cross-entropy: outside the boxes of class c, class c is not allowed.
 
     Each pixel i gets the candidate set :math:`A_i = \{0\} \cup \{c : i \in \text{some box of class } c\}`
@@ -226,6 +228,7 @@ def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum") -> Tensor:
     Args:
         logits: (B,K,H,W) raw scores, K >= 2, channel 0 background.
         boxes: list of B tensors (N_i,5) ``[class,x0,y0,x1,y1]``.
+        valid: optional (B,H,W) bool: only these pixels are constrained (padding of a letterboxed image is not).
 
     Example:
         >>> logits = torch.zeros(1, 2, 2, 2)                                # p = 0.5 everywhere
@@ -240,6 +243,8 @@ def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum") -> Tensor:
     log_allowed = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), 1)
     loss = torch.logsumexp(logits, 1) - log_allowed                      # (B,H,W), >= 0
     constrained = (~allowed).any(1)
+    if valid is not None:  # (B,H,W) bool: pixels outside it (padding) are not constrained
+        constrained = constrained & valid.bool()
     per_image = (loss * constrained).sum((-1, -2)) / constrained.sum((-1, -2)).clamp(min=1)
     return _reduce(per_image, reduction)
 

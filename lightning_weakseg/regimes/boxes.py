@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.batch import content_mask
 from ..losses.boxes import box_size_constraint, emptiness_ce, emptiness_constraint, tightness_prior
 from ..module import WeakSegModule
 
@@ -77,10 +78,11 @@ class BoxTightnessMixin:
         hw = probs.shape[-2] * probs.shape[-1]
         tight = tightness_prior(probs, boxes, t, self.box_band_width, self.box_penalty, reduction="none")
         terms["box/tightness"] = self.batch_mean(tight / hw, has)
+        valid = content_mask(batch)  # padding of a letterboxed image: no label, not "outside the boxes"
         if self.box_emptiness == "ce":
-            empty = emptiness_ce(out["logits"].float(), boxes, reduction="none")
+            empty = emptiness_ce(out["logits"].float(), boxes, reduction="none", valid=valid)
         else:
-            empty = emptiness_constraint(probs, boxes, t, self.box_penalty, reduction="none") / hw
+            empty = emptiness_constraint(probs, boxes, t, self.box_penalty, reduction="none", valid=valid) / hw
         terms["box/emptiness"] = self.batch_mean(empty, has)
         if self.box_size_bounds is not None:
             a, b = self.box_size_bounds

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batch import IGNORE_INDEX, content_mask
 from ..losses.crf import gated_crf_loss
 from ..module import WeakSegModule
 
@@ -150,12 +151,16 @@ class PointVoronoiMixin:
         logits = out["logits"]
         weight = self._class_weight(logits)
         vor = voronoi_labels_torch(batch["points"], tuple(logits.shape[-2:]), self.point_radius, logits.device)
+        valid = content_mask(batch)
+        if valid is not None:  # padding of a letterboxed image carries no label
+            valid = valid.to(logits.device)
+            vor = torch.where(valid, vor, torch.full_like(vor, IGNORE_INDEX))
         terms["point/voronoi"] = self.batch_mean(_weighted_ce(logits, vor, weight), has)
         if "pseudo" in batch and batch["has_pseudo"].any():
             terms["point/cluster"] = self.batch_mean(_weighted_ce(logits, batch["pseudo"], weight),
                                                      batch["has_pseudo"] & has)
         if self.current_epoch >= self.point_crf_start_epoch:
-            crf = gated_crf_loss(out["probs"], batch["image"], reduction="none", **self.point_crf)
+            crf = gated_crf_loss(out["probs"], batch["image"], reduction="none", valid=valid, **self.point_crf)
             terms["point/crf"] = self.batch_mean(crf, has)
         return terms
 

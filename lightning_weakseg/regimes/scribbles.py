@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from ..data.batch import content_mask
 from ..losses.crf import gated_crf_loss
 from ..losses.partial import entropy_loss, partial_cross_entropy, total_variation_loss
 from ..module import WeakSegModule, on_subset
@@ -94,16 +95,19 @@ class ScribbleMixin:
             terms["scribble/pce"] = self.batch_mean(pce, has)
         if self.current_epoch >= self.scribble_reg_start_epoch:
             probs = out["probs"].float()
+            valid = content_mask(batch)  # padding of a letterboxed image: left out of every regularizer
+            valid = (torch.ones_like(probs[:, 0], dtype=torch.bool) if valid is None else valid.to(probs.device))
             if "crf" in on:
                 image = batch["image"].to(probs.device)
-                crf = on_subset(lambda p, x: gated_crf_loss(p, x, reduction="none", **self.scribble_crf),
-                                has, probs, image)
+                crf = on_subset(lambda p, x, v: gated_crf_loss(p, x, reduction="none", valid=v, **self.scribble_crf),
+                                has, probs, image, valid)
                 terms["scribble/crf"] = self.batch_mean(crf, has)
             if "entropy" in on:
                 if self.scribble_entropy_on == "unlabelled":
-                    ent = on_subset(lambda p, y: entropy_loss(p, y == IGNORE, reduction="none"), has, probs, scribble)
+                    ent = on_subset(lambda p, y, v: entropy_loss(p, (y == IGNORE) & v, reduction="none"), has, probs,
+                                    scribble, valid)
                 else:
-                    ent = on_subset(lambda p: entropy_loss(p, reduction="none"), has, probs)
+                    ent = on_subset(lambda p, v: entropy_loss(p, v, reduction="none"), has, probs, valid)
                 terms["scribble/entropy"] = self.batch_mean(ent, has)
             if "tv" in on:
                 tv = on_subset(lambda p: total_variation_loss(p, reduction="none"), has, probs)

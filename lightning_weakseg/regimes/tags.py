@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import cam as cam_methods
+from ..data.batch import content_mask
 from ..losses.crf import gated_crf_loss
 from ..losses.mil import POOLINGS, MILLoss, mil_loss, tag_size_constraint
 from ..module import WeakSegModule, masked_cross_entropy, on_subset
@@ -131,8 +132,11 @@ class ImageLevelMixin:
                 cls = mil_loss(out["cls_logits"].float(), tags, classes=self._tag_columns())
                 terms["tags/cls"] = self.batch_mean(cls, has)
             if self.tag_crf:
-                crf = on_subset(lambda p, x: gated_crf_loss(p, x, reduction="none", **self.tag_crf_kwargs),
-                                has, out["probs"].float(), batch["image"].to(out["probs"].device))
+                valid = content_mask(batch)
+                valid = (torch.ones_like(out["probs"][:, 0], dtype=torch.bool) if valid is None
+                         else valid.to(out["probs"].device))
+                crf = on_subset(lambda p, x, v: gated_crf_loss(p, x, reduction="none", valid=v, **self.tag_crf_kwargs),
+                                has, out["probs"].float(), batch["image"].to(out["probs"].device), valid)
                 terms["tags/crf"] = self.batch_mean(crf, has)
             if self.tag_size_bounds is not None:
                 size = tag_size_constraint(out["probs"].float(), tags, self.barrier_t, *self.tag_size_bounds)
