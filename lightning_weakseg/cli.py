@@ -1,4 +1,10 @@
-"""Command line: ``weakseg fit|validate|test|predict --config ...`` (LightningCLI) and ``weakseg demo``."""
+"""Command line: ``weakseg fit|validate|test|predict --config ...`` (LightningCLI) and ``weakseg demo``.
+
+``--model`` takes a class path or a short class name of any module of :mod:`lightning_weakseg.regimes`
+(``--model BoxSegModule``). ``weakseg predict ... --output_dir out/`` is short for
+``--trainer.callbacks+=lightning_weakseg.callbacks.MaskWriter --trainer.callbacks.output_dir=out/
+--return_predictions=false``: one mask per image of ``--data.predict_dir``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +13,10 @@ import os
 import sys
 import time
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
+from . import regimes
 from .data import WeakSegDataModule
 from .module import WeakSegModule
 
@@ -20,9 +28,71 @@ class WeakSegCLI(LightningCLI):
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
 
 
+# what each ready-made module learns from (for --help)
+REGIME_LABELS = {"WeakSegModule": "full masks (the baseline)", "BoxSegModule": "bounding boxes",
+                 "PointSegModule": "points (a click per object)", "CoTeachingSegModule": "noisy masks, co-teaching",
+                 "RobustSegModule": "noisy masks, GCE / SCE losses", "ScribbleSegModule": "scribbles",
+                 "MixedSegModule": "masks, scribbles, boxes and points mixed", "TagSegModule": "image-level tags"}
+
+
+def regime_modules() -> dict[str, str]:
+    """The ready-made modules of :mod:`lightning_weakseg.regimes` (``--model <name>``) and the labels they
+    learn from."""
+    out = {"WeakSegModule": REGIME_LABELS["WeakSegModule"]}
+    for name in sorted(dir(regimes)):
+        cls = getattr(regimes, name)
+        if isinstance(cls, type) and issubclass(cls, WeakSegModule) and cls is not WeakSegModule:
+            out[name] = REGIME_LABELS.get(name, "")
+    return out
+
+
+def _help_epilog() -> str:
+    lines = ["other subcommands:", "  demo                full supervision vs. one weak regime on synthetic data "
+             "(weakseg demo --help)", "  check               the data check of a config's data, without training",
+             "", "regimes (--model <name>):"]
+    lines += [f"  {name:<20}{doc}" for name, doc in regime_modules().items()]
+    lines += ["", "write masks for a folder of new images:",
+              "  weakseg predict --config CONFIG --ckpt_path CKPT --data.predict_dir DIR --output_dir OUT"]
+    return "\n".join(lines)
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the epilog's lines kept as written."""
+
+    def _fill_text(self, text, width, indent):
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 def cli_main(args=None):
     return WeakSegCLI(WeakSegModule, WeakSegDataModule, subclass_mode_model=True, args=args,
-                      save_config_kwargs={"overwrite": True})
+                      save_config_kwargs={"overwrite": True},
+                      parser_kwargs={"description": "lightning-weakseg: train segmentation-models-pytorch models "
+                                                    "from weak labels (LightningCLI subcommands below).",
+                                     "epilog": _help_epilog(), "formatter_class": _HelpFormatter})
+
+
+def predict_shortcut(args: list[str]) -> list[str]:
+    """``weakseg predict ... --output_dir OUT`` → a :class:`~lightning_weakseg.callbacks.MaskWriter` writing to
+    OUT and ``--return_predictions=false`` (the masks are on disk, not collected in memory)."""
+    if not args or args[0] != "predict":
+        return args
+    out, rest, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--output_dir" and i + 1 < len(args):
+            out, i = args[i + 1], i + 2
+            continue
+        if a.startswith("--output_dir="):
+            out, i = a.split("=", 1)[1], i + 1
+            continue
+        rest.append(a)
+        i += 1
+    if out is None:
+        return args
+    rest += ["--trainer.callbacks+=lightning_weakseg.callbacks.MaskWriter", f"--trainer.callbacks.output_dir={out}"]
+    if not any(a.startswith("--return_predictions") for a in rest):
+        rest.append("--return_predictions=false")
+    return rest
 
 
 # the weak regime the demo trains next to full supervision: (module class path, train labels, kwargs, callbacks)
@@ -83,13 +153,43 @@ def demo(argv=None) -> list[dict]:
     return rows
 
 
+def check(argv=None) -> int:
+    """``weakseg check --config cfg.yaml [--data.root ...]``: the up-front data check of the config's data,
+    printed, without training. Exit status 1 when it finds problems."""
+    argv = list(argv or [])
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: weakseg check --config CONFIG [--data.<option> VALUE ...]\n\n" + check.__doc__)
+        return 0
+    # a data-only config is enough: the model defaults to the plain module (a config's model overrides it)
+    saved, sys.argv = sys.argv, sys.argv[:1] + ["--model", "lightning_weakseg.WeakSegModule"] + argv
+    try:
+        cli = WeakSegCLI(WeakSegModule, WeakSegDataModule, subclass_mode_model=True, run=False,
+                         save_config_callback=None, trainer_defaults={"logger": False})
+    finally:
+        sys.argv = saved
+    report = cli.datamodule.check_data(use_cache=True)
+    if report is None:
+        print("data check: synthetic data, nothing to check")
+        return 0
+    print(report.format(limit=1000))
+    return 0 if report.ok else 1
+
+
 def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "demo":
         demo(args[1:])
         return
+    if args and args[0] == "check":
+        code = check(args[1:])
+        if code:
+            sys.exit(code)
+        return
+    rewritten = predict_shortcut(args)
+    if argv is None and rewritten != args:
+        sys.argv = sys.argv[:1] + rewritten
     # from the command line LightningCLI reads sys.argv itself (passing it as ``args`` too makes it warn)
-    cli_main(None if argv is None else args)
+    cli_main(None if argv is None else rewritten)
 
 
 if __name__ == "__main__":

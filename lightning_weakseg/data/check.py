@@ -152,16 +152,20 @@ def _check_one(ds, i: int, boxes_trained: bool) -> tuple[list[Finding], list[Fin
 
     img_path = ds.files[i]
     try:
-        from .folder import read_image
-        img = read_image(img_path, ds.color_mode)
+        from .folder import decode
+        img = decode(img_path, "image")  # complete decode; the float conversion of training is not needed here
     except WeakSegDataError as e:
         problem(e, str(img_path), "image")
         return problems, notes, mask_values
-    h0, w0, c = img.shape
+    h0, w0 = img.shape[:2]
+    c = 1 if img.ndim == 2 else min(img.shape[2], 3)
+    c = {"rgb": 3 if c in (1, 3) else c, "gray": 1}.get(ds.color_mode, c)
+    if img.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        problems.append(Finding(stem, str(img_path), "image", f"unsupported pixel type {img.dtype}", i))
     if c != ds.in_channels:
         problems.append(Finding(stem, str(img_path), "image", f"expected {ds.in_channels} channel(s) (in_channels), "
                                 f"got {c}; color_mode='rgb' or 'gray' converts", i))
-    if not np.isfinite(img).all():
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
         problems.append(Finding(stem, str(img_path), "image", "NaN or infinite pixel values", i))
     H, W = ds.image_hw
     try:
@@ -178,9 +182,9 @@ def _check_one(ds, i: int, boxes_trained: bool) -> tuple[list[Finding], list[Fin
         except WeakSegDataError as e:
             problem(e, str(ds.root / d / stem), key)
             continue
-        vals = _values(m)
         if key == "instances":
-            continue
+            continue  # any id >= 0; read_label_map already checked the file
+        vals = _values(m)
         bad = vals[((vals < 0) | (vals >= ds.num_classes)) & (vals != IGNORE_INDEX)]
         if bad.size:
             problems.append(Finding(stem, str(path), key, f"expected class ids in [0, {ds.num_classes}) or "

@@ -39,13 +39,14 @@ def truncation(data: np.ndarray, suffix: str) -> str | None:
     """Why a JPEG or PNG byte string is incomplete (libjpeg only warns and fills the rest grey), or None.
 
     A complete JPEG ends with the EOI marker FF D9 (possibly followed by padding zeros), a PNG with its IEND
-    chunk; other formats are left to the decoder."""
+    chunk; other formats (and files that are not what their suffix says) are left to the decoder."""
     suffix = suffix.lower()
-    if suffix in (".jpg", ".jpeg"):
+    head = data[:8].tobytes()
+    if suffix in (".jpg", ".jpeg") and head.startswith(b"\xff\xd8"):
         tail = data[-64:].tobytes().rstrip(b"\x00")
         if not tail.endswith(b"\xff\xd9"):
             return "truncated JPEG (no end-of-image marker): the decoder would fill the missing part grey"
-    elif suffix == ".png":
+    elif suffix == ".png" and head.startswith(b"\x89PNG"):
         if b"IEND" not in data[-16:].tobytes():
             return "truncated PNG (no IEND chunk)"
     return None
