@@ -25,6 +25,9 @@ def test_config_fits_one_batch(config, tmp_path):
     # the data module decided the number of classes and channels; the model followed
     dm, model = cli.datamodule, cli.model
     assert model.hparams.num_classes == dm.num_classes and model.hparams.in_channels == dm.in_channels
+    # every regime logs its predictions beside the weak label it trained on
+    loggers = [c for c in cli.trainer.callbacks if type(c).__name__ == "SegmentationImageLogger"]
+    assert loggers and loggers[0].weak_labels and loggers[0].last_weak_grid is not None
 
 
 def test_data_decides_classes_and_channels(tmp_path):
@@ -61,3 +64,13 @@ def test_command_line_run_passes_no_args_to_lightningcli(monkeypatch):
     seen.clear()
     main(["fit", "--config", "x.yaml"])                    # called from Python: the list is passed on
     assert seen["args"] == ["fit", "--config", "x.yaml"]
+
+
+def test_tags_config_trains_on_tags_that_vary(tmp_path):
+    cfg = CONFIGS[[p.stem for p in CONFIGS].index("tags")]
+    cli = cli_main(["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path), *TINY])
+    ds = cli.datamodule.train_dataset
+    tags = torch.stack([ds[i]["tags"] for i in range(min(len(ds), 40))])
+    # each foreground class is present in some training images and absent from others
+    frac = tags[:, 1:].mean(0)
+    assert ((frac > 0.2) & (frac < 0.8)).all(), frac
