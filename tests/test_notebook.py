@@ -1,6 +1,9 @@
 """Runs notebooks/compare_cam_variants.ipynb with nbclient (synthetic data only) and checks what it found:
 trained CAMs beat trivial baselines, the random walk improves Grad-CAM, and the variants that are the same map
-for a global-average-pooling + linear head give the same pseudo-masks."""
+for a global-average-pooling + linear head give the same pseudo-masks.
+
+The committed notebook keeps the outputs of its last run, so that its pictures show without running it; after
+changing it, store fresh outputs with ``python tests/test_notebook.py`` (about 1–2 minutes on 2 CPU cores)."""
 import json
 import os
 import time
@@ -11,12 +14,11 @@ import pytest
 from nbclient import NotebookClient
 
 NB = Path(__file__).resolve().parents[1] / "notebooks" / "compare_cam_variants.ipynb"
-BUDGET_S = 120
+BUDGET_S = 240  # ≈ 60–100 s on the shared 2-core machine, more under load
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("notebook") / "results.json"
+def execute(out: Path):
+    """The notebook run with nbclient (results written to ``out``) and the seconds it took."""
     saved = {k: os.environ.get(k) for k in ("CAM_NOTEBOOK_OUT", "CAM_NOTEBOOK_ACDC", "MPLBACKEND")}
     os.environ.update({"CAM_NOTEBOOK_OUT": str(out), "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
     os.environ.pop("CAM_NOTEBOOK_ACDC", None)  # the test never needs ../shared/data
@@ -26,13 +28,19 @@ def executed(tmp_path_factory):
                                 resources={"metadata": {"path": str(NB.parent)}})
         start = time.time()
         client.execute()
-        seconds = time.time() - start
+        return nb, time.time() - start
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("notebook") / "results.json"
+    nb, seconds = execute(out)
     return nb, json.loads(out.read_text()), seconds
 
 
@@ -45,15 +53,25 @@ def test_notebook_runs_within_budget_and_shows_a_grid(executed):
     assert res["acdc"] is None  # no real data in the test
 
 
+def test_the_committed_notebook_shows_its_outputs():
+    """Readers see the grid and the table without running anything: the file holds a complete run."""
+    nb = nbformat.read(NB, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "not one run, in order"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the grid is not stored"
+    assert any("| CAM variant |" in o.get("text", "") for o in outputs), "the IoU table is not stored"
+
+
 def test_cam_pseudo_masks_beat_baselines(executed):
     _, res, _ = executed
     iou, base = res["iou"], res["baselines"]
     assert set(iou) == {"CAM", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "HiResCAM", "ScoreCAM",
                         "EigenCAM"}
     # the classifier learned the tags: better than always answering the majority (32 held-out tiles; the organ is
-    # in 94 % of them, so it can only tie there). The exact accuracies move with the CPU's float kernels: on
-    # 2026-12-01 this machine gave [0.94, 0.78, 0.94] against majorities [0.94, 0.56, 0.50], at the commit that
-    # had passed CI with the earlier bound min > 0.85 too
+    # in 94 % of them, so it can only tie there). The exact accuracies move with the CPU's float kernels (lesion
+    # 0.78-0.91 on machines that otherwise agree), hence the comparison with the majority, not a fixed bound
     acc, majority = res["tag_accuracy"], res["tag_majority"]
     assert all(a >= m for a, m in zip(acc, majority)), (acc, majority)
     assert sum(acc) / len(acc) > sum(majority) / len(majority) + 0.15, (acc, majority)
@@ -80,3 +98,14 @@ def test_equivalent_variants_agree(executed):
         for how in ("raw", "crf", "random_walk"):
             assert iou[name][how] == pytest.approx(iou["CAM"][how], abs=1e-3), (name, how)
     assert iou["GradCAMPlusPlus"]["raw"] != pytest.approx(iou["CAM"]["raw"], abs=1e-6)
+
+
+if __name__ == "__main__":  # store the outputs of a fresh run in the notebook (see the module docstring)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        nb, seconds = execute(Path(tmp) / "results.json")
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # per-cell timestamps: noise in the diff
+    nbformat.write(nb, NB)
+    print(f"wrote {NB} ({seconds:.0f} s)")
