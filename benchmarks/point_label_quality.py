@@ -17,6 +17,7 @@ import torch
 
 from lightning_weakseg.data import WeakSegDataModule
 from lightning_weakseg.pseudo.points import cluster_labels
+from lightning_weakseg.recipes import load_data_config
 
 
 def main(argv=None):
@@ -27,8 +28,9 @@ def main(argv=None):
     p.add_argument("--scales", default="1.0,0.35")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    dm = WeakSegDataModule(source="folder", root=os.path.join(a.data, "dsb2018"), num_classes=2, in_channels=3,
-                           mask_dir=None, instance_dir="instances", image_size=a.image_size,
+    spec = load_data_config("dsb2018")  # configs/data/dsb2018.yaml, its root under --data
+    spec["root"] = os.path.join(a.data, os.path.basename(spec["root"]))
+    dm = WeakSegDataModule(**spec, image_size=a.image_size,
                            train_labels=("points", "mask", "instances"), weakify={"point_mode": "centroid"},
                            max_train_samples=a.n, augment="none")
     dm.setup("fit")

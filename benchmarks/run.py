@@ -2,8 +2,8 @@
 
     python benchmarks/run.py --data ../shared/data --dataset kvasir --regimes full,boxes,box_mask,grabcut
 
-writes ``benchmarks/results/<tag>.json`` (every row with Dice, IoU, HD95, per-class Dice, seconds; the command
-line and settings) and prints a markdown table with "Dice / full". ``benchmarks/report.py`` collects the
+writes ``benchmarks/results/<tag>.json`` (every row with Dice, IoU, HD95, per-class Dice, seconds, the config and
+overrides it trained (``common.REGIMES``); the command line and settings) and prints a markdown table with "Dice / full". ``benchmarks/report.py`` collects the
 result files into ``docs/benchmarks.md``.
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from common import DATASETS, REGIMES, run_one, write_json  # noqa: E402
+from common import DATASETS, REGIMES, data_spec, run_one, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # settings that must be equal for rows to share one table (one "full" row as the reference)
 SAME = ("dataset", "epochs", "image_size", "max_train", "batch_size", "lr", "arch", "encoder", "noise", "seed", "tiles",
         "tile_eval", "noise_fraction")
-DEFAULTS = {"tiles": 1, "tile_eval": "tiles", "noise_fraction": 1.0}  # settings added later: a result file without them was made with this value
+DEFAULTS = {"tiles": 1, "tile_eval": "tiles", "noise_fraction": 1.0}  # settings a result file may lack: it was made with these values
 
 
 def main(argv=None):
@@ -60,8 +60,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: on a shared CPU machine a "
                    "second thread that must wait for a busy core made steps 10x slower here)")
     a = p.parse_args(argv)
-    if not Path(a.data, DATASETS[a.dataset]["root"]).is_dir():
-        p.error(f"{Path(a.data, DATASETS[a.dataset]['root'])} does not exist (see ../shared/data/README.md)")
+    root = data_spec(a.data, a.dataset)["root"]
+    if not Path(root).is_dir():
+        p.error(f"{root} does not exist (see ../shared/data/README.md)")
     names = [n.strip() for n in a.regimes.split(",") if n.strip()]
     unknown = [n for n in names if n not in REGIMES]
     if unknown:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -26,6 +25,14 @@ class WeakSegCLI(LightningCLI):
         # one source of truth: the data decides classes and channels, the model follows
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_channels", "model.init_args.in_channels", apply_on="instantiate")
+
+    def before_predict(self):
+        from lightning.pytorch.callbacks import BasePredictionWriter
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            rank_zero_warn("weakseg predict: no prediction writer, so no masks are written (the predictions stay in "
+                           "memory); add --output_dir DIR to write one mask per image")
 
 
 # what each ready-made module learns from (for --help)
@@ -95,56 +102,39 @@ def predict_shortcut(args: list[str]) -> list[str]:
     return rest
 
 
-# the weak regime the demo trains next to full supervision: (module class path, train labels, kwargs, callbacks)
-DEMO_REGIMES = {
-    "scribbles": ("lightning_weakseg.module:WeakSegModule", ["scribble"], {"mask_key": "scribble"}, []),
-    "boxes": ("lightning_weakseg.regimes.boxes:BoxSegModule", ["boxes"], {},
-              ["lightning_weakseg.callbacks:LogBarrierSchedule"]),
-}
-
-
-def _load(path: str):
-    mod, _, name = path.partition(":")
-    return getattr(importlib.import_module(mod), name)
+# the weak regime the demo trains next to full supervision (configs/full.yaml): its recipe in configs/
+DEMO_REGIMES = {"scribbles": "scribbles", "boxes": "boxes"}
 
 
 def demo(argv=None) -> list[dict]:
-    """Train full supervision and one weak regime on the synthetic organ set and print Dice side by side."""
+    """Train full supervision and one weak regime on the synthetic organ set, each with its recipe of
+    ``configs/`` (:mod:`lightning_weakseg.recipes`), and print Dice side by side."""
     import lightning as L
     import torch
 
+    from .recipes import load_recipe
+
     p = argparse.ArgumentParser(prog="weakseg demo", description=demo.__doc__)
-    p.add_argument("--regime", default=None, choices=sorted(DEMO_REGIMES), help="weak regime (default: boxes if "
-                   "installed, else scribbles)")
+    p.add_argument("--regime", default="boxes", choices=sorted(DEMO_REGIMES), help="weak regime (default: boxes)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--n-samples", type=int, default=240)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    regime = a.regime
-    if regime is None:
-        try:
-            _load(DEMO_REGIMES["boxes"][0])
-            regime = "boxes"
-        except (ImportError, AttributeError):
-            regime = "scribbles"
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
-    runs = [("full masks", "lightning_weakseg.module:WeakSegModule", ["mask"], {}, [])]
-    runs.append((regime, *DEMO_REGIMES[regime]))
-    for name, cls_path, labels, kwargs, cb_paths in runs:
+    for name, recipe in (("full masks", load_recipe("full")), (a.regime, load_recipe(DEMO_REGIMES[a.regime]))):
         L.seed_everything(a.seed, verbose=False)
-        dm = WeakSegDataModule(synthetic_kind="organ", n_samples=a.n_samples, image_size=a.image_size,
-                               batch_size=16, train_labels=labels, seed=a.seed)
-        model = _load(cls_path)(in_channels=dm.in_channels, num_classes=dm.num_classes, lr=3e-3, **kwargs)
-        callbacks = [_load(c)() for c in cb_paths]
+        dm = recipe.build_datamodule(n_samples=a.n_samples, image_size=a.image_size, seed=a.seed)
+        model = recipe.build_model(in_channels=dm.in_channels, num_classes=dm.num_classes)
+        callbacks = recipe.build_callbacks(skip=("SegmentationImageLogger",))  # the demo runs without a logger
         trainer = L.Trainer(max_epochs=a.epochs, accelerator="cpu", devices=1, logger=False,
                             enable_checkpointing=False, callbacks=callbacks, enable_model_summary=False)
         t0 = time.time()
         trainer.fit(model, dm)
-        rows.append({"regime": name, "labels": "+".join(labels), "dice": float(trainer.callback_metrics["val/dice"]),
-                     "seconds": time.time() - t0})
+        rows.append({"regime": name, "labels": "+".join(recipe.train_labels),
+                     "dice": float(trainer.callback_metrics["val/dice"]), "seconds": time.time() - t0})
     full = rows[0]["dice"]
     print("\n| regime | train labels | val Dice | Dice / full | train s |")
     print("|---|---|---|---|---|")

@@ -1,5 +1,8 @@
-"""Exceptions of lightning-weakseg. Every data error names the sample and the field it is about."""
+"""Exceptions of lightning-weakseg, all defined here. Every data error names the sample and the field it is about."""
 from __future__ import annotations
+
+__all__ = ["WeakSegError", "WeakSegDataError", "NonFiniteLossError", "PseudoLabelCacheError",
+           "PseudoLabelCacheMismatch"]
 
 
 class WeakSegError(Exception):
@@ -23,3 +26,11 @@ class WeakSegDataError(WeakSegError, ValueError):
 
 class NonFiniteLossError(WeakSegError, FloatingPointError):
     """A loss term became NaN or infinite; the message names the term, the step and the sample ids."""
+
+
+class PseudoLabelCacheError(WeakSegError, ValueError):
+    """A pseudo-label cache file is unreadable, fails its checksum, or belongs to another data set or regime."""
+
+
+class PseudoLabelCacheMismatch(PseudoLabelCacheError):
+    """Pseudo labels (a cache file or a checkpoint's) written for another data set or regime."""

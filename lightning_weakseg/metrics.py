@@ -1,4 +1,5 @@
-"""Segmentation metrics: per-class Dice / IoU (torchmetrics) and a batched HD95 ``torchmetrics.Metric``."""
+"""Segmentation metrics: per-class Dice / IoU (torchmetrics) and a batched HD95 ``torchmetrics.Metric``; per-volume
+3D Dice and HD95 (:mod:`~lightning_weakseg.volume_metrics`, re-exported here)."""
 from __future__ import annotations
 
 import torch
@@ -8,9 +9,11 @@ from torchmetrics import Metric
 
 def boundary(mask: torch.Tensor) -> torch.Tensor:
     """Inner boundary of a bool (B,H,W) mask: pixels of the mask with a 4-neighbour outside it (or the border)."""
-    m = mask.float().unsqueeze(1)
-    eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=0.0), 3, stride=1, padding=0)
-    return (m - eroded).squeeze(1) > 0
+    m = mask.bool()
+    p = F.pad(m.unsqueeze(1).to(torch.uint8), (1, 1, 1, 1), value=0).squeeze(1).bool()
+    # erosion by the 4-neighbour cross (scipy's default structure, as MONAI's edges use)
+    eroded = m & p[:, :-2, 1:-1] & p[:, 2:, 1:-1] & p[:, 1:-1, :-2] & p[:, 1:-1, 2:]
+    return m & ~eroded
 
 
 def hd95(pred: torch.Tensor, target: torch.Tensor, spacing: float = 1.0) -> torch.Tensor:
@@ -103,3 +106,6 @@ class DiceIoU(Metric):
 
     def compute(self):
         return (self.dice_sum / self.count).float(), (self.iou_sum / self.count).float()
+
+
+from .volume_metrics import VolumeScores, score_volumes, surface_distances, volume_dice, volume_hd95  # noqa: E402,F401

@@ -19,12 +19,16 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from .data.batch import IGNORE_INDEX, complete_flags, validate_batch
+from .data.batch import IGNORE_INDEX, complete_flags, content_mask, validate_batch
 from .errors import NonFiniteLossError
 from .inference import Predictor, flip_tta, native_inference, output_stride, to_native, whole_image
 from .losses.dice import soft_dice_loss
+from .losses.partial import masked_cross_entropy
 from .metrics import HD95, DiceIoU
+from .volume_metrics import VolumeScores, slice_predictions
 from .nn import replace_batchnorm
+
+__all__ = ["WeakSegModule", "masked_cross_entropy", "on_subset", "adopt_weakseg_collate"]
 
 
 def adopt_weakseg_collate(trainer) -> None:
@@ -68,15 +72,6 @@ def on_subset(fn, has: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
     return vals.new_zeros(b).index_put((idx,), vals)
 
 
-def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-sample mean cross-entropy over each sample's labelled pixels: (B,K,H,W), (B,H,W) → (B,).
-
-    A sample without labelled pixels gets 0 (and no gradient)."""
-    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").flatten(1)
-    n = (target != ignore_index).flatten(1).sum(1)
-    return ce.sum(1) / n.clamp_min(1)
-
-
 class WeakSegModule(L.LightningModule):
     """LightningModule for weakly supervised segmentation on any SMP architecture × encoder.
 
@@ -109,6 +104,14 @@ class WeakSegModule(L.LightningModule):
     """
 
     default_loss_weights: dict[str, float] = {"seg/ce": 1.0, "seg/dice": 1.0}
+    #: A regime that trains on the base label map with a loss of its own (co-teaching, robust losses) sets
+    #: ``replaces_base_term = True`` in its class body: ``seg/ce`` is then not computed. Any class of the
+    #: composition declaring it is enough (the order of the bases does not matter); an explicit
+    #: ``loss_weights={"seg/ce": w}`` decides instead (w = 0: not computed, w > 0: computed with weight w).
+    replaces_base_term: bool = False
+    #: HD95 of ``val/volume_hd95`` / ``test/volume_hd95``: ``"pooled"`` (medpy / WSL4MIS) or ``"max"`` (MONAI); see
+    #: :mod:`lightning_weakseg.volume_metrics`.
+    volume_hd95_convention: str = "pooled"
 
     def __init__(self, arch: str = "Unet", encoder: str = "resnet18", encoder_weights: str | None = None,
                  in_channels: int = 3, num_classes: int = 2, mask_key: str = "mask", dice_weight: float = 0.0,
@@ -145,9 +148,13 @@ class WeakSegModule(L.LightningModule):
         self.test_scores_train_size = DiceIoU(num_classes)
         self.test_hd95_train_size = HD95(num_classes)
         self._data_config: dict = {}  # the data's preprocessing, from a checkpoint (save_pretrained writes it)
+        self._native_scored = 0  # test images scored at their own resolution in this epoch (this rank)
         # mean per-sample CE over the evaluated samples, summed and counted across DDP ranks (a mean of the
         # ranks' means would weigh unequal shards wrongly)
         self.val_ce, self.test_ce = MeanMetric(), MeanMetric()
+        # slices of volumes (batch keys volume / slice / spacing), assembled and scored per volume at epoch end
+        self.val_volume_scores = VolumeScores(num_classes, hd95_convention=self.volume_hd95_convention)
+        self.test_volume_scores = VolumeScores(num_classes, hd95_convention=self.volume_hd95_convention)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -168,14 +175,24 @@ class WeakSegModule(L.LightningModule):
             return per_sample.mean()
         return torch.where(has.to(per_sample.device), per_sample, torch.zeros_like(per_sample)).sum() / per_sample.shape[0]
 
+    def base_term_on(self) -> bool:
+        """Whether ``seg/ce`` is computed: an explicit ``loss_weights["seg/ce"]`` decides (0 = off); otherwise it is
+        on unless a class of the composition declares ``replaces_base_term = True``."""
+        overrides = self.hparams.get("loss_weights") or {}
+        if "seg/ce" in overrides:
+            return float(overrides["seg/ce"]) != 0
+        if any(cls.__dict__.get("replaces_base_term", False) for cls in type(self).__mro__):
+            return False
+        return self.term_weight("seg/ce") != 0
+
     def loss_terms(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         """Named scalar loss terms. Mixins override, call ``super()``, and add their own."""
         terms: dict[str, torch.Tensor] = {}
         key = self.hparams.mask_key
         if key in batch and batch[f"has_{key}"].any():
             target, has = batch[key], batch[f"has_{key}"]
-            if self.term_weight("seg/ce") != 0:  # weight 0 (e.g. co-teaching replaces it): not even computed
-                terms["seg/ce"] = self.batch_mean(masked_cross_entropy(out["logits"], target), has)
+            if self.base_term_on():  # replaced (or weight 0): not even computed
+                terms["seg/ce"] = self.batch_mean(masked_cross_entropy(out["logits"], target, reduction="none"), has)
             if self.hparams.dice_weight > 0:
                 terms["seg/dice"] = self.hparams.dice_weight * self.batch_mean(
                     soft_dice_loss(out["probs"], target), has)
@@ -245,11 +262,15 @@ class WeakSegModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int):
+        # a batch from any collate: missing has_* flags mean "every sample carries the keys present" (derived here,
+        # in complete_flags, for training, validation, test and prediction alike)
+        complete_flags(batch)
         validate_batch(batch, self.num_classes)
         out = self(batch["image"])
         return self.combine_terms(self.loss_terms(batch, out), out, batch, "train")
 
     def _eval_step(self, batch: dict, stage: str):
+        complete_flags(batch)
         out = self(batch["image"])
         if "mask" in batch:
             # samples flagged "pad" only even out the DDP shards (data/sampling.py): they are not scored
@@ -258,7 +279,11 @@ class WeakSegModule(L.LightningModule):
             probs = out["probs"]
             if stage == "test" and self.hparams.get("predict_tta", False):
                 probs = whole_image(self.predictor(), batch["image"], output_stride(self.model))
-            pred = probs.argmax(1)[keep]
+            pred = probs.argmax(1)
+            valid = content_mask(batch)
+            if valid is not None:  # padding of a letterboxed image: neither prediction nor label there
+                pred = torch.where(valid.to(pred.device), pred, torch.zeros_like(pred))
+            pred = pred[keep]
             target = batch["mask"][keep]
             if stage == "test" and batch.get("native_mask") is not None:
                 # the test numbers are those at each image's own resolution; the base view's are kept aside
@@ -269,8 +294,11 @@ class WeakSegModule(L.LightningModule):
                 hd.update(pred, torch.where(target == IGNORE_INDEX, 0, target))
             has = batch["has_mask"][keep]
             ce_metric = self.val_ce if stage == "val" else self.test_ce
-            ce = masked_cross_entropy(out["logits"][keep], target)[has]
+            ce = masked_cross_entropy(out["logits"][keep], target, reduction="none")[has]
             ce_metric.update(ce, torch.ones_like(ce))
+            if batch.get("volume") is not None and batch.get("slice") is not None:
+                volumes = self.val_volume_scores if stage == "val" else self.test_volume_scores
+                volumes.update(**slice_predictions(batch, probs))
             self.log(f"{stage}/ce", ce_metric, on_step=False, on_epoch=True)
         return out
 
@@ -285,6 +313,7 @@ class WeakSegModule(L.LightningModule):
             return
         content, orig = batch.get("content"), batch.get("orig_size")
         native = to_native(probs[idx], None if content is None else content[idx], None if orig is None else orig[idx])
+        self._native_scored += len(idx)
         for i, p in zip(idx, native):
             target = batch["native_mask"][i].to(p.device).long()
             if tuple(target.shape) != tuple(p.shape[-2:]):
@@ -304,11 +333,17 @@ class WeakSegModule(L.LightningModule):
     def _log_scores(self, stage: str):
         scores, hd = (self.val_scores, self.val_hd95) if stage == "val" else (self.test_scores, self.test_hd95)
         if stage == "test":
-            # under DDP every rank takes part in the metric sync, also one whose shard held no native mask
-            native = self.trainer.world_size > 1 or int(self.test_scores_train_size.count.sum()) > 0
-            if native:
+            # native masks were scored on some rank: the base-view numbers are kept as test/*_train_size
+            n = torch.tensor(float(self._native_scored), device=self.device)
+            self._native_scored = 0
+            if self.trainer.world_size > 1:  # every rank decides alike, also one whose shard held none
+                n = self.trainer.strategy.reduce(n.to(self.device), reduce_op="sum")
+            if float(n) > 0:
                 self._log_score_set(self.test_scores_train_size, self.test_hd95_train_size, stage, "_train_size",
                                     main=False)
+            else:
+                self.test_scores_train_size.reset()
+                self.test_hd95_train_size.reset()
         self._log_score_set(scores, hd, stage)
 
     def _log_score_set(self, scores: DiceIoU, hd: HD95, stage: str, suffix: str = "", main: bool = True):
@@ -332,11 +367,34 @@ class WeakSegModule(L.LightningModule):
         scores.reset()
         hd.reset()
 
+    def _log_volume_scores(self, stage: str) -> None:
+        """``<stage>/volume_dice`` (+ ``_<c>`` per class) and ``<stage>/volume_hd95`` (+ ``_<c>``): the slices of
+        this epoch assembled into volumes across all ranks and scored once (:class:`~.volume_metrics.VolumeScores`);
+        the same values on every rank. Nothing is logged when no rank saw a slice of a volume."""
+        scores = self.val_volume_scores if stage == "val" else self.test_volume_scores
+        n = len(scores)
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank decides alike
+            n = int(self.trainer.strategy.reduce(torch.tensor(float(n), device=self.device), reduce_op="sum"))
+        if n == 0:
+            scores.reset()
+            return
+        res = scores.compute()
+        scores.reset()
+        logs = {f"{stage}/volume_dice": res["mean_dice"], f"{stage}/volume_hd95": res["mean_hd95"]}
+        for c, (d, h) in enumerate(zip(res["dice"], res["hd95"]), start=1):
+            logs[f"{stage}/volume_dice_{c}"] = float(d)
+            logs[f"{stage}/volume_hd95_{c}"] = float(h)
+        # already one value for all ranks: no reduction
+        self.log_dict({k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in logs.items()},
+                      sync_dist=False)
+
     def on_validation_epoch_end(self):
         self._log_scores("val")
+        self._log_volume_scores("val")
 
     def on_test_epoch_end(self):
         self._log_scores("test")
+        self._log_volume_scores("test")
 
     # ------------------------------------------------------------------ inference
     def predictor(self) -> Predictor:
@@ -371,7 +429,9 @@ class WeakSegModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Per image of the batch (DDP filler samples, ``batch["pad"]``, left out): ``probs`` list of float
         (K,H0,W0) and ``labels`` list of long (H0,W0) at the image's source size, ``id`` list of names,
-        ``index`` long (N,), ``orig_size`` long (N,2)."""
+        ``index`` long (N,), ``orig_size`` long (N,2); slices of volumes also ``volume`` (names) and ``slice`` long
+        (N,)."""
+        complete_flags(batch)
         B = batch["image"].shape[0]
         pad = batch.get("pad")
         idx = [i for i in range(B) if pad is None or not bool(pad[i])]
@@ -379,8 +439,12 @@ class WeakSegModule(L.LightningModule):
         ids = batch.get("id")
         ids = [str(ids[i]) for i in idx] if ids is not None else [str(i) for i in idx]
         index = batch["index"][idx] if "index" in batch else torch.tensor(idx)
-        return {"probs": probs, "labels": [p.argmax(0) for p in probs], "id": ids, "index": index,
-                "orig_size": torch.tensor([list(p.shape[-2:]) for p in probs], dtype=torch.long).reshape(-1, 2)}
+        out = {"probs": probs, "labels": [p.argmax(0) for p in probs], "id": ids, "index": index,
+               "orig_size": torch.tensor([list(p.shape[-2:]) for p in probs], dtype=torch.long).reshape(-1, 2)}
+        if batch.get("volume") is not None and batch.get("slice") is not None:  # slices of volumes (MaskWriter)
+            out["volume"] = [str(batch["volume"][i]) for i in idx]
+            out["slice"] = batch["slice"][idx]
+        return out
 
     # ------------------------------------------------------------------ a model to ship
     DATA_CONFIG_KEYS = ("image_size", "resize", "color_mode", "tiles", "source", "synthetic_kind")
@@ -475,13 +539,6 @@ class WeakSegModule(L.LightningModule):
         super().setup(stage)
         if self._trainer is not None:
             adopt_weakseg_collate(self.trainer)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Every batch, from any collate: missing ``has_*`` flags mean "every sample carries the keys present"
-        (:func:`~lightning_weakseg.data.batch.complete_flags`, the one place where flags are derived)."""
-        if isinstance(batch, dict):
-            complete_flags(batch)
-        return batch
 
     def on_train_start(self) -> None:
         """A run resumed with another length (e.g. a larger ``max_epochs``) has a cosine schedule sized for the

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+__all__ = ["replace_batchnorm"]
+
 
 def replace_batchnorm(module: nn.Module, norm: str = "group", groups: int = 8) -> nn.Module:
     """Replace every BatchNorm2d/3d in ``module`` (in place) by a batch-independent normalisation.

@@ -76,7 +76,9 @@ def model_inputs(seed: int, b: int):
 
 
 def model_selections(images: torch.Tensor, noisy: torch.Tensor, ratio: float) -> dict:
-    """Selections of the co-teaching mixin's code path on two fixed tiny networks (same weights everywhere)."""
+    """Selections of the co-teaching mixin's code path on two fixed tiny networks (same weights everywhere):
+    class-balanced pixel and Dice-ranked sample selection, each also with co-teaching+ (its fallback counts the
+    disagreement items over all ranks)."""
     import segmentation_models_pytorch as smp
     from lightning_weakseg.losses.coteaching import coteaching_losses
 
@@ -89,7 +91,7 @@ def model_selections(images: torch.Tensor, noisy: torch.Tensor, ratio: float) ->
     for selection in ("pixel", "sample"):
         for plus in (False, True):
             sel = coteaching_losses(la, lb, noisy, torch.ones(len(noisy), dtype=torch.bool), ratio,
-                                        selection=selection, disagreement=plus)
+                                    selection=selection, experimental={"coteach_plus": plus})
             out[f"model_{selection}{'_plus' if plus else ''}/R={ratio}"] = (sel["select_a"], sel["select_b"])
     return out
 

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
                            batch_size=args.batch_size, eval_batch_size=2, augment="none", shuffle=True, seed=0,
                            val_fraction=0.25)
     model = CoTeachingSegModule(arch="Unet", encoder="resnet18", encoder_weights=None, in_channels=1, num_classes=4,
-                                norm="group", lr=1e-3, forget_rate=0.4, num_gradual=1)
+                                norm="group", lr=1e-3, forget_rate=0.4, num_gradual=1, selection="pixel")
     model.keep_ratio = KEEP_RATIO  # fixed (no schedule): every step makes a real selection
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy="ddp",
                         max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -62,17 +62,18 @@ CASES: dict[str, dict] = {
                    kwargs={"point_refine": "crf", "point_confidence": 0.55},
                    callbacks=[(f"{CB}:PseudoLabelRefresh", {"every_n_epochs": 1, "batch_size": 3})]),
     "coteaching": dict(module="lightning_weakseg.regimes:CoTeachingSegModule", kind="organ", labels=["noisy_mask"],
-                       kwargs={"forget_rate": 0.5, "num_gradual": 1},
+                       kwargs={"forget_rate": 0.5, "num_gradual": 1, "selection": "pixel"},
                        callbacks=[(f"{CB}:ForgetRateSchedule", {})]),
-    # one forget rate per class (class-balanced selection) and the peer-relabelling terms from the first epoch
+    # one forget rate per class (class-balanced pixel selection) and the experimental peer-relabelling terms from
+    # the first epoch
     "coteaching_pc": dict(module="lightning_weakseg.regimes:CoTeachingSegModule", kind="organ", labels=["noisy_mask"],
-                          kwargs={"forget_rate": [0.1, 0.5, 0.4, 0.3], "num_gradual": 1, "class_balanced": True,
-                                  "relabel_rejected": True, "relabel_start_epoch": 0},
+                          kwargs={"forget_rate": [0.1, 0.5, 0.4, 0.3], "num_gradual": 1, "selection": "pixel",
+                                  "experimental": {"relabel_rejected": True, "relabel_start_epoch": 0}},
                           callbacks=[(f"{CB}:ForgetRateSchedule", {})]),
-    # per-sample selection ranked by each network's per-image Dice loss: images are the items, global over ranks
+    # per-sample selection ranked by each network's per-image Dice loss (the default): images are the items, global
+    # over ranks
     "coteaching_dice": dict(module="lightning_weakseg.regimes:CoTeachingSegModule", kind="organ",
-                            labels=["noisy_mask"], kwargs={"forget_rate": 0.5, "num_gradual": 1, "selection": "sample",
-                                                           "sample_rank": "dice"},
+                            labels=["noisy_mask"], kwargs={"forget_rate": 0.5, "num_gradual": 1, "selection": "sample"},
                             callbacks=[(f"{CB}:ForgetRateSchedule", {})]),
     "robust": dict(module="lightning_weakseg.regimes:RobustSegModule", kind="organ", labels=["noisy_mask"],
                    kwargs={"robust_loss": "sce"}),

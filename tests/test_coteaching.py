@@ -1,6 +1,7 @@
 """Co-teaching: the keep-ratio schedule, the small-loss selection against a brute-force sort (both DDP methods),
-the kept fraction R(T) in pixel and sample mode, the peer exchange (inside the mixin, by gradients), co-teaching+,
-inference modes, and the ForgetRateSchedule's checkpoint state.
+the kept fraction R(T) in pixel and sample mode, the peer exchange (inside the mixin, by gradients), the
+experimental options (co-teaching+, their validation), inference modes, and the ForgetRateSchedule's checkpoint
+state.
 
 (2-process DDP equality of the mixin's selections is checked by tests/test_ddp.py through
 scripts/ddp_regime_check.py; scripts/ddp_coteaching_check.py checks the raw selection with uneven shards.)
@@ -16,7 +17,8 @@ import lightning_weakseg.losses.coteaching as ct
 import lightning_weakseg.losses.selection as selmod
 import lightning_weakseg.regimes.coteaching as regime
 from lightning_weakseg.callbacks import ForgetRateSchedule
-from lightning_weakseg.losses import coteaching_keep_ratio, coteaching_losses, coteaching_pair_loss, small_loss_selection
+from lightning_weakseg.losses import (coteaching_keep_ratio, coteaching_losses, coteaching_pair_loss,
+                                      small_loss_selection, soft_dice_loss)
 from lightning_weakseg.regimes import CoTeachingSegModule
 
 
@@ -74,8 +76,9 @@ def test_pair_loss_exchanges_selections_hand_computed():
     assert la.grad.tolist() == pytest.approx([0, 0.5, 0, 0.5]) and lb.grad.tolist() == pytest.approx([0.5, 0, 0.5, 0])
 
 
-@pytest.mark.parametrize("selection", ["pixel", "sample"])
-def test_kept_fraction_equals_R_of_T(selection):
+@pytest.mark.parametrize("selection,experimental", [("sample", None), ("sample", {"sample_rank": "ce"}),
+                                                    ("pixel", {"class_balanced": False})])
+def test_kept_fraction_equals_R_of_T(selection, experimental):
     g = torch.Generator().manual_seed(0)
     B, K, H, W = 9, 3, 12, 10
     la, lb = torch.randn(B, K, H, W, generator=g), torch.randn(B, K, H, W, generator=g)
@@ -87,17 +90,21 @@ def test_kept_fraction_equals_R_of_T(selection):
     labelled = (target != 255) & has[:, None, None]
     n = int(labelled.sum()) if selection == "pixel" else int(labelled.flatten(1).any(1).sum())
     ce_a = torch.nn.functional.cross_entropy(la, target.clamp(max=K - 1), reduction="none")
+    if selection == "pixel":                                                 # A ranks its pixels by CE
+        rank_a = ce_a
+    elif experimental:                                                       # ... its images by mean CE
+        rank_a = (ce_a * labelled).flatten(1).sum(1) / labelled.flatten(1).sum(1).clamp_min(1)
+    else:                                                                    # ... by Dice on the labelled pixels
+        noisy = torch.where(labelled, target, torch.full_like(target, 255))
+        rank_a = soft_dice_loss(la.softmax(1), noisy)
     for T in range(7):
         R = coteaching_keep_ratio(T, 0.5, 4)
         assert R == pytest.approx(R_ref(T, 0.5, 4))
-        res = coteaching_losses(la, lb, target, has, R, selection=selection)
+        res = coteaching_losses(la, lb, target, has, R, selection=selection, experimental=experimental)
         for sel in (res["select_a"], res["select_b"]):
             assert abs(int(sel.sum()) - R * n) <= 0.5                        # to one item (rounded)
             assert not (sel & ~res["candidates"]).any()
-        # A's selection is A's smallest losses
-        per = ce_a if selection == "pixel" else \
-            (ce_a * labelled).flatten(1).sum(1) / labelled.flatten(1).sum(1).clamp_min(1)
-        assert torch.equal(res["select_a"], brute_force(per, res["candidates"], R))
+        assert torch.equal(res["select_a"], brute_force(rank_a, res["candidates"], R))  # A's smallest losses
 
 
 def test_coteaching_plus_selects_among_disagreements():
@@ -105,13 +112,15 @@ def test_coteaching_plus_selects_among_disagreements():
     la, lb = torch.randn(2, 2, 16, 16, generator=g), torch.randn(2, 2, 16, 16, generator=g)
     target = torch.randint(0, 2, (2, 16, 16), generator=g)
     target[:, :2] = 255
-    res = coteaching_losses(la, lb, target, None, 0.6, disagreement=True)
+    plus = {"coteach_plus": True, "plus_min_disagreement": 0.0, "class_balanced": False}   # the paper's rule
+    res = coteaching_losses(la, lb, target, None, 0.6, selection="pixel", experimental=plus)
     disagree = (la.argmax(1) != lb.argmax(1)) & (target != 255)
     assert torch.equal(res["candidates"], disagree) and 0 < int(disagree.sum()) < disagree.numel()
     assert abs(int(res["select_a"].sum()) - 0.6 * int(disagree.sum())) <= 0.5
 
 
 def test_coteaching_plus_falls_back_per_class_when_networks_agree():
+    # co-teaching+ (an experimental option), with its fallback at the default 0.1:
     # class 1 (the rare one): the networks agree on all but one of its 40 labelled pixels (1/40 < 0.1), so
     # class 1 falls back to plain co-teaching; class 0 has plenty of disagreement and keeps the plus rule
     g = torch.Generator().manual_seed(5)
@@ -126,19 +135,22 @@ def test_coteaching_plus_falls_back_per_class_when_networks_agree():
     disagree = la.argmax(1) != lb.argmax(1)
     assert int((disagree & (target == 1)).sum()) == 1 and int((disagree & (target == 0)).sum()) > 100
     ce_a = torch.nn.functional.cross_entropy(la, target, reduction="none")
-    res = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, balance=True, min_disagreement=0.1)
+    res = coteaching_losses(la, lb, target, None, 0.5, selection="pixel", experimental={"coteach_plus": True})
     expected = (disagree & (target == 0)) | (target == 1)
     assert torch.equal(res["candidates"], expected)
     for c, cand in ((0, disagree & (target == 0)), (1, target == 1)):
         assert torch.equal(res["select_a"] & (target == c), brute_force(ce_a, cand, 0.5))
     # the paper's rule (0): class 1 keeps only its single disagreement pixel as a candidate
-    res0 = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, balance=True)
+    res0 = coteaching_losses(la, lb, target, None, 0.5, selection="pixel",
+                             experimental={"coteach_plus": True, "plus_min_disagreement": 0.0})
     assert int((res0["candidates"] & (target == 1)).sum()) == 1
     # without balance the whole labelled set is one group: 0.5 of it disagrees → no fallback at 0.1 ...
-    res_u = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, min_disagreement=0.1)
+    one = {"coteach_plus": True, "class_balanced": False}
+    res_u = coteaching_losses(la, lb, target, None, 0.5, selection="pixel", experimental=one)
     assert torch.equal(res_u["candidates"], disagree)
     # ... and a fallback at 0.9
-    res_f = coteaching_losses(la, lb, target, None, 0.5, disagreement=True, min_disagreement=0.9)
+    res_f = coteaching_losses(la, lb, target, None, 0.5, selection="pixel",
+                              experimental={**one, "plus_min_disagreement": 0.9})
     assert torch.equal(res_f["candidates"], torch.ones_like(disagree))
 
 
@@ -247,7 +259,7 @@ def test_forget_rate_schedule_state_restores_the_schedule():
 
 
 def test_class_balanced_selection_keeps_R_of_each_class():
-    """balance=True: R of the labelled pixels of *each* noisy-label class are kept (round half up), even when one
+    """Pixel selection: R of the labelled pixels of *each* noisy-label class are kept (round half up), even when one
     class's losses are all larger than the other's; without it the hard minority class is dropped first."""
     torch.manual_seed(0)
     b, h, w = 2, 6, 7
@@ -258,7 +270,7 @@ def test_class_balanced_selection_keeps_R_of_each_class():
     logits_a[:, 1] -= 3.0 * (target == 1)      # foreground is hard for both networks: large losses
     logits_b[:, 1] -= 3.0 * (target == 1)
     ratio = 0.6
-    out = coteaching_losses(logits_a, logits_b, target, None, ratio, balance=True)
+    out = coteaching_losses(logits_a, logits_b, target, None, ratio, selection="pixel")
     for key in ("select_a", "select_b"):
         sel = out[key]
         for c, n in ((0, 71), (1, 12)):
@@ -270,7 +282,77 @@ def test_class_balanced_selection_keeps_R_of_each_class():
         vals = ce_a[target == c]
         k = int(len(vals) * ratio + 0.5)
         assert torch.equal(torch.sort(ce_a[out["select_a"] & (target == c)]).values, torch.sort(vals).values[:k])
-    plain = coteaching_losses(logits_a, logits_b, target, None, ratio)
+    plain = coteaching_losses(logits_a, logits_b, target, None, ratio, selection="pixel",
+                              experimental={"class_balanced": False})   # one ranking over all pixels
     assert int((plain["select_a"] & (target == 1)).sum()) < int(12 * ratio + 0.5)  # the imbalance it fixes
-    with pytest.raises(ValueError, match="selection='pixel'"):
-        coteaching_losses(logits_a, logits_b, target, None, ratio, selection="sample", balance=True)
+
+
+# ----------------------------------------------------------------------------- defaults and experimental options
+def test_mixin_defaults_are_dice_ranked_sample_selection(monkeypatch):
+    """By default the mixin selects images ranked by Dice and passes no experimental option to the selection; its
+    two terms replace the base ``seg/ce`` on the noisy mask (``replaces_base_term``)."""
+    model = tiny_module(mask_key="noisy_mask")
+    assert (model.hparams.selection, model.hparams.forget_rate, model.hparams.experimental) == ("sample", 0.3, None)
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen["kwargs"] = kwargs
+        return ct.coteaching_losses(*args, **kwargs)
+
+    monkeypatch.setattr(regime, "coteaching_losses", record)
+    model.keep_ratio = 0.5
+    model.train()
+    batch = noisy_batch(B=4)
+    out = model(batch["image"])
+    terms = model.loss_terms(batch, out)
+    assert set(terms) == {"noisy/coteach_a", "noisy/coteach_b"}
+    assert seen["kwargs"]["selection"] == "sample" and seen["kwargs"]["experimental"] is None
+    noisy = batch["noisy_mask"]
+    ce = {n: F.cross_entropy(out[f"logits_{n}"], noisy, ignore_index=255, reduction="none").flatten(1).sum(1)
+          / (noisy != 255).flatten(1).sum(1) for n in ("a", "b")}
+    dice_b = soft_dice_loss(out["logits_b"].detach().softmax(1), noisy)
+    keep_b = brute_force(dice_b, torch.ones(4, dtype=torch.bool), 0.5)     # B's two smallest Dice losses ...
+    torch.testing.assert_close(terms["noisy/coteach_a"], ce["a"][keep_b].mean())  # ... train A on their CE
+
+
+def test_experimental_options_are_validated():
+    la, lb = torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4, 4)
+    target = torch.randint(0, 2, (2, 4, 4))
+    with pytest.raises(ValueError, match=r"unknown experimental options \['relabel'\]"):
+        coteaching_losses(la, lb, target, None, 0.5, experimental={"relabel": True})
+    with pytest.raises(ValueError, match="relabel_rejected"):   # a mixin option, not the selection's
+        coteaching_losses(la, lb, target, None, 0.5, experimental={"relabel_rejected": True})
+    with pytest.raises(ValueError, match="'sample_rank': expected 'dice' or 'ce', got 'iou'"):
+        coteaching_losses(la, lb, target, None, 0.5, experimental={"sample_rank": "iou"})
+    with pytest.raises(ValueError, match="plus_min_disagreement"):
+        coteaching_losses(la, lb, target, None, 0.5, experimental={"coteach_plus": True, "plus_min_disagreement": 2})
+    with pytest.raises(ValueError, match="needs class-balanced pixel selection"):
+        coteaching_losses(la, lb, target, None, (0.5, 0.5))                  # per-class ratios, sample selection
+    with pytest.raises(ValueError, match="needs class-balanced pixel selection"):
+        coteaching_losses(la, lb, target, None, (0.5, 0.5), selection="pixel", experimental={"class_balanced": False})
+    with pytest.raises(ValueError, match="unknown experimental options"):
+        tiny_module(experimental={"class_balance": False})
+    with pytest.raises(ValueError, match="'coteach_plus': expected a bool"):
+        tiny_module(experimental={"coteach_plus": "yes"})
+    with pytest.raises(ValueError, match="'relabel_to': expected 'any' or 'foreground'"):
+        tiny_module(experimental={"relabel_rejected": True, "relabel_to": "bg"})
+    with pytest.raises(ValueError, match="'plus_start_epoch': expected an epoch"):
+        tiny_module(experimental={"coteach_plus": True, "plus_start_epoch": -1})
+    with pytest.raises(ValueError, match="needs class-balanced pixel selection"):
+        tiny_module(forget_rate=[0.1, 0.3])
+
+
+def test_mixin_starts_coteaching_plus_at_its_epoch(monkeypatch):
+    """experimental coteach_plus with plus_start_epoch: plain co-teaching before it, disagreement candidates from it
+    on (with the fallback fraction passed through)."""
+    model = tiny_module(selection="pixel", experimental={"coteach_plus": True, "plus_start_epoch": 2,
+                                                         "plus_min_disagreement": 0.0})
+    seen = []
+    monkeypatch.setattr(regime, "coteaching_losses",
+                        lambda *a, **kw: seen.append(kw["experimental"]) or ct.coteaching_losses(*a, **kw))
+    model.train()
+    batch = noisy_batch()
+    for epoch in (1, 2):
+        monkeypatch.setattr(type(model), "current_epoch", property(lambda self, e=epoch: e))
+        model.loss_terms(batch, model(batch["image"]))
+    assert seen == [None, {"coteach_plus": True, "plus_min_disagreement": 0.0}]

@@ -1,5 +1,6 @@
-"""Co-teaching extensions: one forget rate per class (selection, mixin, ForgetRateSchedule state) and peer
-relabelling of the rejected pixels (against loops; ``relabel_to``). Helpers come from tests/test_coteaching.py.
+"""Co-teaching extensions: one forget rate per class (selection, mixin, ForgetRateSchedule state), per-sample
+ranking by Dice, and the experimental peer relabelling of the rejected pixels (against loops; ``relabel_to``).
+Helpers come from tests/test_coteaching.py.
 """
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from test_coteaching import R_ref, _Module, noisy_batch, tiny_module
 
 # ----------------------------------------------------------------------------- one forget rate per class
 def test_per_class_keep_ratios_keep_their_own_fraction_of_each_class():
-    """A sequence of keep ratios (balance=True): class c keeps round(R_c · n_c) of its labelled pixels, and they
+    """A sequence of keep ratios (pixel selection): class c keeps round(R_c · n_c) of its labelled pixels, and they
     are its smallest losses (a sort per class written out here)."""
     torch.manual_seed(1)
     b, h, w = 2, 8, 9
@@ -26,7 +27,7 @@ def test_per_class_keep_ratios_keep_their_own_fraction_of_each_class():
     target[1, 0, 8] = 255
     logits_a, logits_b = torch.randn(b, 3, h, w), torch.randn(b, 3, h, w)
     ratios = (0.95, 0.5, 0.25)
-    out = coteaching_losses(logits_a, logits_b, target, None, ratios, balance=True)
+    out = coteaching_losses(logits_a, logits_b, target, None, ratios, selection="pixel")
     ce = {"select_a": F.cross_entropy(logits_a, target.clamp_max(2), reduction="none"),
           "select_b": F.cross_entropy(logits_b, target.clamp_max(2), reduction="none")}
     for key in ("select_a", "select_b"):
@@ -38,22 +39,22 @@ def test_per_class_keep_ratios_keep_their_own_fraction_of_each_class():
             assert torch.equal(torch.sort(kept).values, torch.sort(vals).values[:k]), (key, c)
         assert not out[key][target == 255].any()
     # a scalar R equals the same R repeated per class
-    same = coteaching_losses(logits_a, logits_b, target, None, (0.5,) * 3, balance=True)
-    scalar = coteaching_losses(logits_a, logits_b, target, None, 0.5, balance=True)
+    same = coteaching_losses(logits_a, logits_b, target, None, (0.5,) * 3, selection="pixel")
+    scalar = coteaching_losses(logits_a, logits_b, target, None, 0.5, selection="pixel")
     assert torch.equal(same["select_a"], scalar["select_a"]) and torch.equal(same["loss_b"], scalar["loss_b"])
     with pytest.raises(ValueError, match="one keep ratio per class"):
-        coteaching_losses(logits_a, logits_b, target, None, (0.5, 0.5), balance=True)
-    with pytest.raises(ValueError, match="balance=True"):
+        coteaching_losses(logits_a, logits_b, target, None, (0.5, 0.5), selection="pixel")
+    with pytest.raises(ValueError, match="pixel selection"):
         coteaching_losses(logits_a, logits_b, target, None, ratios)
 
 
 def test_per_class_forget_rates_in_the_mixin_and_the_schedule(monkeypatch):
     assert coteaching_keep_ratio(2, [0.0, 0.4], 4) == (1.0, pytest.approx(R_ref(2, 0.4, 4)))
-    with pytest.raises(ValueError, match="class_balanced"):
+    with pytest.raises(ValueError, match="pixel selection"):
         tiny_module(forget_rate=[0.1, 0.3])
     with pytest.raises(ValueError, match="num_classes=2"):
-        tiny_module(forget_rate=[0.1, 0.2, 0.3], class_balanced=True)
-    model = tiny_module(forget_rate=[0.0, 0.5], num_gradual=0, class_balanced=True)
+        tiny_module(forget_rate=[0.1, 0.2, 0.3], selection="pixel")
+    model = tiny_module(forget_rate=[0.0, 0.5], num_gradual=0, selection="pixel")
     assert model.current_keep_ratio() == (1.0, 0.5)                          # epoch 0, T_k = 0: τ at once
     batch = noisy_batch()
     model.train()
@@ -84,7 +85,7 @@ def test_per_class_forget_rates_in_the_mixin_and_the_schedule(monkeypatch):
     assert module2.keep_ratio == (pytest.approx(R_ref(2, 0.1, 3)), pytest.approx(R_ref(2, 0.6, 3)))
 
 
-# ----------------------------------------------------------------------------- peer relabelling
+# ----------------------------------------------------------------------------- peer relabelling (experimental)
 @pytest.mark.parametrize("relabel_to", ["any", "foreground"])
 def test_peer_relabel_losses_against_a_loop(relabel_to):
     """Each network's relabel loss: Σ over labelled pixels its PEER rejected (and, with "foreground", where the peer's
@@ -121,7 +122,7 @@ def test_peer_relabel_losses_against_a_loop(relabel_to):
 
 
 def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
-    model = tiny_module(forget_rate=0.3, num_gradual=2, class_balanced=True, relabel_rejected=True)
+    model = tiny_module(forget_rate=0.3, num_gradual=2, selection="pixel", experimental={"relabel_rejected": True})
     batch = noisy_batch()
     model.train()
     terms0 = model.loss_terms(batch, model(batch["image"]))         # epoch 0 < T_k: no relabel terms yet
@@ -131,8 +132,8 @@ def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
     assert {"noisy/relabel_a", "noisy/relabel_b"} <= set(terms)
     assert terms["noisy/relabel_a"].item() > 0
     # relabel_to reaches the loss: the mixin's term equals the function's on the same outputs and selections
-    fg = tiny_module(forget_rate=0.3, num_gradual=2, class_balanced=True, relabel_rejected=True,
-                     relabel_to="foreground")
+    fg = tiny_module(forget_rate=0.3, num_gradual=2, selection="pixel",
+                     experimental={"relabel_rejected": True, "relabel_to": "foreground"})
     fg.load_state_dict(model.state_dict())
     fg.train()
     monkeypatch.setattr(type(fg), "current_epoch", property(lambda self: 2))
@@ -140,15 +141,13 @@ def test_mixin_relabel_terms_start_after_the_ramp(monkeypatch):
     out = fg(batch["image"])
     terms_fg = fg.loss_terms(batch, out)
     res = ct.coteaching_losses(out["logits_a"], out["logits_b"], batch["noisy_mask"], batch["has_noisy_mask"],
-                               fg.current_keep_ratio(), balance=True)
+                               fg.current_keep_ratio(), selection="pixel")
     labelled = (batch["noisy_mask"] != 255) & batch["has_noisy_mask"].view(-1, 1, 1)
     ref = ct.peer_relabel_losses(out["logits_a"], out["logits_b"], res["select_a"], res["select_b"], labelled,
                                  relabel_to="foreground")
     assert terms_fg["noisy/relabel_a"].item() == pytest.approx(ref[0].item(), rel=1e-6)
     ref_any = ct.peer_relabel_losses(out["logits_a"], out["logits_b"], res["select_a"], res["select_b"], labelled)
     assert ref_any[0].item() > ref[0].item() * 1.01                  # the restriction matters on this batch
-    with pytest.raises(ValueError, match="relabel_to"):
-        tiny_module(relabel_rejected=True, relabel_to="bg")
 
 
 # ----------------------------------------------------------------------------- per-sample ranking by Dice
@@ -172,7 +171,7 @@ def _dice_loss_loop(probs, target):
 
 
 def test_sample_rank_dice_selects_by_dice_and_trains_on_ce():
-    """``sample_rank="dice"``: each network keeps the R·B images with the smallest per-image soft Dice loss (a loop
+    """Per-sample selection: each network keeps the R·B images with the smallest per-image soft Dice loss (a loop
     here), and its PEER trains on their mean CE. The hand-built case is the failure of CE ranking: image 0's mask
     lost its object (all background) where both networks see one; by mean CE it is the easiest image (most of every
     image is background), by Dice the hardest."""
@@ -196,9 +195,10 @@ def test_sample_rank_dice_selects_by_dice_and_trains_on_ce():
           / labelled.flatten(1).sum(1) for n, lg in (("a", logits_a), ("b", logits_b))}
     assert int(ce["a"].argmin()) == 0 and int(ce["b"].argmin()) == 0   # CE ranking would keep the wrong mask
     r = 0.5
-    by_ce = coteaching_losses(logits_a, logits_b, target, None, r, selection="sample")
+    by_ce = coteaching_losses(logits_a, logits_b, target, None, r, selection="sample",
+                              experimental={"sample_rank": "ce"})
     assert by_ce["select_a"][0] and by_ce["select_b"][0]
-    out = coteaching_losses(logits_a, logits_b, target, None, r, selection="sample", sample_rank="dice")
+    out = coteaching_losses(logits_a, logits_b, target, None, r, selection="sample")
     for n, lg, key in (("a", logits_a, "select_a"), ("b", logits_b, "select_b")):
         ref = _dice_loss_loop(torch.softmax(lg.detach(), 1), target)
         assert int(ref.argmax()) == 0
@@ -210,28 +210,19 @@ def test_sample_rank_dice_selects_by_dice_and_trains_on_ce():
     torch.testing.assert_close(out["loss_b"], ce["b"][out["select_a"]].mean())
     out["loss_a"].backward()
     assert logits_b.grad is None and logits_a.grad[~out["select_b"]].abs().sum() == 0
-    with pytest.raises(ValueError, match="sample_rank"):
-        coteaching_losses(logits_a, logits_b, target, None, r, selection="pixel", sample_rank="dice")
-
-
-def test_mixin_rejects_dice_ranking_for_pixel_selection():
-    with pytest.raises(ValueError, match="sample_rank"):
-        tiny_module(selection="pixel", sample_rank="dice")
-    with pytest.raises(ValueError, match="sample_rank"):
-        tiny_module(selection="sample", sample_rank="iou")
 
 
 def test_mixin_relabels_the_images_a_sample_selection_rejected(monkeypatch):
-    """selection="sample" + relabel_rejected (session 8): network a learns network b's arg-max on every labelled pixel
+    """selection="sample" + experimental relabel_rejected: network a learns network b's arg-max on every labelled pixel
     of the images b's selection REJECTED, / all labelled pixels (a loop); the images b kept get no relabel gradient."""
-    model = tiny_module(selection="sample", sample_rank="dice", forget_rate=0.5, num_gradual=1, relabel_rejected=True)
+    model = tiny_module(selection="sample", forget_rate=0.5, num_gradual=1, experimental={"relabel_rejected": True})
     model.train()
     monkeypatch.setattr(type(model), "current_epoch", property(lambda self: 1))
     batch = noisy_batch(B=4)
     out = model(batch["image"])
     terms = model.loss_terms(batch, out)
     res = ct.coteaching_losses(out["logits_a"], out["logits_b"], batch["noisy_mask"], batch["has_noisy_mask"],
-                               model.current_keep_ratio(), selection="sample", sample_rank="dice")
+                               model.current_keep_ratio(), selection="sample")
     assert res["select_b"].sum() == 2                               # R = 0.5 of 4 images
     target = batch["noisy_mask"]
     la, lb = out["logits_a"].detach(), out["logits_b"].detach()

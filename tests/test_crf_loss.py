@@ -42,18 +42,20 @@ def test_gated_crf_matches_double_loop_values_and_gradients(channels, K):
     fast = gated_crf_loss(probs, image, kernel_radius=r, sigma_xy=sxy, sigma_rgb=srgb, valid=valid)
     (g_fast,) = torch.autograd.grad(fast, logits)
     num, den = slow_pairs(logits.softmax(1), image, valid.double(), r, sxy, srgb)
-    slow = num.sum() / den.sum()
+    slow = (num / den).sum()  # the default reduction: the sum of the per-sample values
     (g_slow,) = torch.autograd.grad(slow, logits)
     assert torch.allclose(fast, slow, rtol=1e-10, atol=1e-12)
     assert torch.allclose(g_fast, g_slow, rtol=1e-8, atol=1e-12)
-    # per-sample reduction and the module wrapper
+    # per-sample values, their mean, and the module wrapper
     per = gated_crf_loss(logits.softmax(1), image, r, sxy, srgb, valid, reduction="none")
     assert torch.allclose(per, num / den)
+    assert torch.allclose(gated_crf_loss(logits.softmax(1), image, r, sxy, srgb, valid, reduction="mean"),
+                          (num / den).mean())
     mod = GatedCRFLoss(r, sxy, srgb)
     assert torch.allclose(mod(logits.softmax(1), image, valid), fast)
-    # windowed dense CRF loss: same numerator, divided by the number of valid pixels
-    dense = dense_crf_loss(logits.softmax(1), image, r, sxy, srgb, valid)
-    assert torch.allclose(dense, num.sum() / valid.sum())
+    # windowed dense CRF loss: same numerator, each sample divided by its number of valid pixels
+    dense = dense_crf_loss(logits.softmax(1), image, r, sxy, srgb, valid, reduction="none")
+    assert torch.allclose(dense, num / valid.flatten(1).sum(1))
 
 
 def test_gated_crf_downscale_equals_loss_on_pooled_inputs():

@@ -66,9 +66,10 @@ def test_softmax_log_odds_and_loss():
     t = torch.tensor([[1.0, 0.0, 1.0]])
     sig = torch.sigmoid(z)
     want = -(t * sig.log() + (1 - t) * (1 - sig).log()).mean()
-    assert torch.allclose(mil_loss(z, t), want.view(1), atol=1e-6)
-    assert torch.allclose(mil_loss(z, t, classes=slice(1, None)), -(torch.log(1 - sig[0, 1]) + sig[0, 2].log()).view(1) / 2)
-    assert torch.allclose(mil_loss(sig, t, probabilities=True), want.view(1), atol=1e-5)
+    assert torch.allclose(mil_loss(z, t, reduction="none"), want.view(1), atol=1e-6)
+    assert torch.allclose(mil_loss(z, t, classes=slice(1, None), reduction="none"),
+                          -(torch.log(1 - sig[0, 1]) + sig[0, 2].log()).view(1) / 2)
+    assert torch.allclose(mil_loss(sig, t, probabilities=True, reduction="none"), want.view(1), atol=1e-5)
 
 
 def test_mil_loss_module_learns_presence():
@@ -78,11 +79,11 @@ def test_mil_loss_module_learns_presence():
     torch.manual_seed(0)
     logits = (0.1 * torch.randn(2, 3, 6, 6)).requires_grad_()
     tags = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
-    loss_fn = MILLoss("max")
+    loss_fn = MILLoss("max", reduction="mean")
     opt = torch.optim.SGD([logits], lr=1.0)
     for _ in range(50):
         opt.zero_grad()
-        loss_fn(logits, tags).mean().backward()
+        loss_fn(logits, tags).backward()
         opt.step()
     p = logits.detach().softmax(1)
     assert p[0, 2].max() < 0.5 and p[1, 1].max() < 0.5
@@ -92,5 +93,5 @@ def test_mil_loss_module_learns_presence():
     gem = MILLoss("gem", p=3.0)
     assert torch.allclose(gem(logits, tags), mil_loss(mil_gem(logits.softmax(1), 3.0), tags, probabilities=True,
                                                        classes=slice(1, None)))
-    att = MILLoss("attention", num_classes=3)
+    att = MILLoss("attention", num_classes=3, reduction="none")
     assert att(logits, tags).shape == (2,)

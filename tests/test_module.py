@@ -48,10 +48,11 @@ def test_masked_ce_equals_reference():
     target = torch.randint(0, 3, (2, 5, 5), generator=g)
     target[0, :2] = 255
     target[1] = 255
-    got = masked_cross_entropy(logits, target)
+    got = masked_cross_entropy(logits, target, reduction="none")
     lab = target[0] != 255
     ref0 = torch.nn.functional.cross_entropy(logits[0].permute(1, 2, 0)[lab], target[0][lab])
     assert torch.allclose(got[0], ref0) and got[1] == 0
+    assert masked_cross_entropy(logits, target) == got.sum()  # the library's default reduction
 
 
 class ExtraTermMixin:
@@ -122,6 +123,7 @@ def test_fit_checkpoint_rebuild_and_predict(tmp_path):
     m.eval(), m2.eval()
     assert torch.allclose(m(x)["logits"], m2(x)["logits"])
     preds = tr.predict(m, dm)
-    p = preds[0]["probs"]
-    assert torch.allclose(p.sum(1), torch.ones_like(p[:, 0]), atol=1e-5)
-    assert torch.equal(preds[0]["labels"], p.argmax(1))
+    p = preds[0]["probs"][0]  # per image, at its source size (K, H0, W0)
+    assert p.shape == (4, 32, 32)
+    assert torch.allclose(p.sum(0), torch.ones_like(p[0]), atol=1e-5)
+    assert torch.equal(preds[0]["labels"][0], p.argmax(0))

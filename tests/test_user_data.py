@@ -369,3 +369,33 @@ def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
     # 2 steps per epoch: steps 4..7 of an 8-step cosine from 1e-2 (the old 4-step schedule would have climbed)
     expect = [1e-2 * (1 + math.cos(math.pi * t / 8)) / 2 for t in range(4, 8)]
     assert np.allclose(seen, expect, rtol=1e-6), (seen, expect)
+
+
+def test_validation_scores_leave_the_padding_out():
+    """A model that predicts foreground everywhere, padding included: the scores equal those of the content region
+    alone (reference: the metric on the cropped tensors)."""
+    from lightning_weakseg.metrics import HD95, DiceIoU
+
+    class Everywhere(WeakSegModule):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+            logits[:, 1] = 1.0
+            return {"logits": logits, "probs": logits.softmax(1)}
+
+    model = Everywhere(in_channels=1, num_classes=2)
+    mask = torch.full((1, 16, 16), 255)
+    mask[:, :, 4:12] = 0
+    mask[:, 6:10, 6:10] = 1
+    batch = {"image": torch.zeros(1, 1, 16, 16), "mask": mask, "content": torch.tensor([[0, 4, 16, 8]]),
+             "orig_size": torch.tensor([[32, 16]])}
+    model._eval_step(batch, "val")
+    dice, _ = model.val_scores.compute()
+    hd = model.val_hd95.compute()
+    ref_s, ref_h = DiceIoU(2), HD95(2)
+    pred = torch.ones(1, 16, 8, dtype=torch.long)
+    ref_s.update(pred, mask[:, :, 4:12])
+    ref_h.update(pred, mask[:, :, 4:12])
+    assert torch.allclose(dice, ref_s.compute()[0]) and torch.allclose(hd, ref_h.compute())
+    plain = HD95(2)
+    plain.update(torch.ones(1, 16, 16, dtype=torch.long), torch.where(mask == 255, 0, mask))
+    assert not torch.allclose(hd, plain.compute())  # the padding would have moved HD95

@@ -1,4 +1,4 @@
-"""Co-teaching forget-rate schedule as a callback whose state lives in the checkpoint."""
+"""The co-teaching forget-rate schedule (Han et al., NeurIPS 2018) as a callback whose state lives in the checkpoint."""
 from __future__ import annotations
 
 from typing import Any

@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+__all__ = ["LogBarrierSchedule"]
+
 
 class LogBarrierSchedule(Callback):
     r"""Set :math:`t = \min(t_0 \mu^{e}, t_{max})` on the module at the start of every training epoch e.
@@ -19,8 +21,9 @@ class LogBarrierSchedule(Callback):
     * **Checkpoints**: ``state_dict`` holds ``t0``, ``mu``, ``t_max`` and the last t; when a run resumes, the
       restored values replace the constructor's (as Lightning's own callbacks do) and, because the epoch
       counter is restored too, t continues where it stopped.
-    * **Visible to the mixins**: the value is written to ``pl_module.<attr>`` (default ``barrier_t``, read by
-      :class:`~lightning_weakseg.regimes.BoxTightnessMixin`) and logged as ``train/barrier_t``.
+    * **Visible to the mixins**: the value is written to ``pl_module.<attr>`` (default ``barrier_t``, owned by
+      :class:`~lightning_weakseg.regimes.BarrierMixin` and read by every constraint term: boxes, tag sizes) and
+      logged as ``train/barrier_t``.
 
     Args:
         t0: initial t (> 0).

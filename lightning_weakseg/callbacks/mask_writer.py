@@ -1,8 +1,10 @@
-"""``MaskWriter``: one label map per predicted image, at the image's own height × width."""
+"""``MaskWriter``: one label map per predicted image, at the image's own height × width; one NIfTI label volume per
+predicted volume, on the input's voxel grid."""
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,9 +56,20 @@ class MaskWriter(BasePredictionWriter):
       ``"png16"``: ``<output_dir>/probs/<id>_<k>.png``, one 16-bit PNG per class, probability × 65535;
     * ``overlay=True``: ``<output_dir>/overlay/<id>.png``, the image with the classes ≥ 1 blended in colour.
 
+    Slices of volumes (predictions carrying ``volume`` and ``slice``, e.g. from ``WeakSegDataModule(source=
+    "volumes", predict_dir=...)``) are collected per volume instead; once all its slices are in, the volume is
+    written as ``<output_dir>/<file name of the input>`` (``<name>.nii.gz``) with the input's affine and header,
+    uint8 class ids on the input's voxel grid (each slice's labels are already at the slice's own size:
+    :meth:`~lightning_weakseg.WeakSegModule.predict_step` maps them back). The prediction data set must describe its
+    volumes (``volume_meta(name)``, as :class:`~lightning_weakseg.data.volumes.VolumeDataset` does). Probability and
+    overlay files are written for 2D images only.
+
     Every file is written atomically (temporary file + ``os.replace``). Under DDP each rank writes the images it
     predicted, each exactly once (filler samples that even out the shards are never in the predictions), and
-    nothing is gathered: ``trainer.predict(..., return_predictions=False)`` keeps memory flat.
+    nothing is gathered: ``trainer.predict(..., return_predictions=False)`` keeps memory flat. For volumes the data
+    module gives each rank whole volumes (:class:`~lightning_weakseg.data.volumes.WholeVolumeSampler`), so a rank
+    writes the volumes it predicted, also without gathering; a volume still incomplete at the end of prediction
+    (its slices spread over ranks, or cut by ``limit_predict_batches``) is not written, with a warning.
 
     Args:
         output_dir: the folder (created).
@@ -88,6 +101,8 @@ class MaskWriter(BasePredictionWriter):
         self.overlay = bool(overlay)
         self.alpha = float(alpha)
         self.written: list[Path] = []  # the label maps this process wrote
+        self._volumes: dict[tuple[int, str], dict] = {}  # volumes whose slices are still coming in
+        self._warned_volume_extras = False
 
     def mask_path(self, sample_id: str) -> Path:
         return self.output_dir / f"{sample_id}.png"
@@ -104,10 +119,66 @@ class MaskWriter(BasePredictionWriter):
         probs = prediction.get("probs")
         if len(labels) != len(ids):
             raise ValueError(f"predict_step returned {len(labels)} label maps for {len(ids)} ids")
+        if prediction.get("volume") is not None:
+            self._add_slices(trainer, prediction, dataloader_idx)
+            return
         positions = self._batch_positions(batch, ids)
         for j, (lab, sid) in enumerate(zip(labels, ids)):
             self._write_one(str(sid), lab, None if probs is None else probs[j], batch, positions.get(str(sid)),
                             pl_module)
+
+    # ---- volumes ----
+    @staticmethod
+    def _volume_source(trainer: L.Trainer, dataloader_idx: int):
+        loaders = trainer.predict_dataloaders
+        if isinstance(loaders, dict):
+            loaders = list(loaders.values())
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        ds = getattr(loader, "dataset", None)
+        if ds is None or not hasattr(ds, "volume_meta"):
+            raise TypeError("MaskWriter got slices of volumes but the prediction data set does not describe its "
+                            f"volumes (volume_meta(name)); got {type(ds).__name__}. Use WeakSegDataModule("
+                            "source='volumes', predict_dir=...) or a lightning_weakseg.data.VolumeDataset")
+        return ds
+
+    def _add_slices(self, trainer: L.Trainer, prediction: dict, dataloader_idx: int) -> None:
+        if (self.probabilities or self.overlay) and not self._warned_volume_extras:
+            self._warned_volume_extras = True
+            warnings.warn("MaskWriter: probability and overlay files are written for 2D images only; the volumes "
+                          "get their label files", stacklevel=2)
+        ds = None
+        for lab, name, k in zip(prediction["labels"], prediction["volume"], prediction["slice"]):
+            key = (dataloader_idx, str(name))
+            entry = self._volumes.get(key)
+            if entry is None:
+                ds = ds or self._volume_source(trainer, dataloader_idx)
+                entry = self._volumes[key] = {"meta": ds.volume_meta(str(name)), "slices": {}}
+            lab = lab.detach().cpu()
+            if int(lab.min()) < 0 or int(lab.max()) > 255:
+                raise ValueError(f"{name} slice {int(k)}: class ids {int(lab.min())}..{int(lab.max())} do not fit "
+                                 "uint8")
+            entry["slices"][int(k)] = lab.to(torch.uint8).numpy()
+            if len(entry["slices"]) == entry["meta"]["slices"]:
+                self._write_volume(entry)
+                del self._volumes[key]
+
+    def _write_volume(self, entry: dict) -> None:
+        from ..data.volumes import volume_bytes
+
+        meta, slices = entry["meta"], entry["slices"]
+        labels = np.stack([slices[k] for k in sorted(slices)])
+        path = self.output_dir / Path(meta["file"]).name
+        _atomic_write(path, volume_bytes(labels, meta))
+        self.written.append(path)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_predict_epoch_end(trainer, pl_module)
+        if self._volumes:
+            left = sorted(f"{name} ({len(e['slices'])} of {e['meta']['slices']} slices)"
+                          for (_, name), e in self._volumes.items())
+            warnings.warn(f"MaskWriter: rank {trainer.global_rank}: {len(left)} volume(s) incomplete at the end of "
+                          f"prediction, not written: {left[:5]}", stacklevel=2)
+            self._volumes.clear()
 
     @staticmethod
     def _batch_positions(batch: Any, ids: Sequence[str]) -> dict[str, int]:

@@ -14,20 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..errors import WeakSegError
+from ..errors import PseudoLabelCacheError, PseudoLabelCacheMismatch
 
 __all__ = ["PseudoLabelRefresh", "PseudoLabelCacheError", "PseudoLabelCacheMismatch", "dataset_fingerprint"]
 
 CACHE_FORMAT = 2
 _ROUND_FILE = re.compile(r"^pseudo_round(\d+)\.pt$")
-
-
-class PseudoLabelCacheError(WeakSegError, ValueError):
-    """A pseudo-label cache file is unreadable, fails its checksum, or belongs to another data set or regime."""
-
-
-class PseudoLabelCacheMismatch(PseudoLabelCacheError):
-    """Pseudo labels (a cache file or a checkpoint's) written for another data set or regime."""
 
 
 def _to_device(x, device, dtype=None):
@@ -77,7 +69,9 @@ def _fingerprint_mismatch(found: dict | None, expected: dict) -> list[str]:
 class PseudoLabelRefresh(L.Callback):
     """Every ``every_n_epochs`` epochs from ``start_epoch`` on (at the end of the epoch), label the training set
     with ``pl_module.make_pseudo_labels(batch) -> LongTensor (B, H, W)`` (class ids or 255) and hand the labels
-    to ``trainer.datamodule.train_dataset.set_pseudo_labels({raw index: uint8 (H, W)})``.
+    to ``trainer.datamodule.train_dataset.set_pseudo_labels({raw index: uint8 (H, W)})``. In the library's
+    regimes ``make_pseudo_labels`` is :class:`~lightning_weakseg.regimes.PseudoLabelMixin`'s: each sample is
+    labelled by the rule of the regime whose label it carries.
 
     * Data: ``trainer.datamodule.train_eval_dataloader()`` (base view, no augmentation); under DDP each rank
       labels the sample positions ``rank::world_size`` (a partition: no duplicates), then the labels are

@@ -20,7 +20,11 @@ key            sample                   batch
 ``content``    long (4,)                long (B,4)     ``[top, left, h, w]`` of the base view that holds
                                                        the resized image (the rest is padding)
 ``native_mask`` long (H0,W0)            list of B long (H0_i,W0_i)            + ``has_native_mask``
+``native_image`` float (C,H0,W0)        list of B float (C,H0_i,W0_i)  prediction only (data/predict.py)
 ``valid``      bool (H,W)               bool (B,H,W)   pixels that hold the image (absent: all)
+``volume``     str                      list[str]      slices of volumes (data/volumes.py): the volume's name
+``slice``      int                      long (B,)      the slice's index in its volume
+``spacing``    float (3,)               float (B,3)    voxel size (mm; 1 = none) in the order (slice axis, H, W)
 ============== ======================== ==========================================================
 
 * Only ``image`` is required. A batch built by another collate (e.g. PyTorch's default) may omit the
@@ -49,6 +53,9 @@ import torch
 
 from ..errors import WeakSegDataError
 
+__all__ = ["IGNORE_INDEX", "MASK_KEYS", "DENSE_KEYS", "LIST_KEYS", "LABEL_KEYS", "COUNT_KEYS", "GEOMETRY_KEYS",
+           "VOLUME_KEYS", "validate_sample", "collate", "validate_batch", "complete_flags", "content_mask"]
+
 IGNORE_INDEX = 255
 MASK_KEYS = ("mask", "noisy_mask", "scribble", "pseudo")
 DENSE_KEYS = MASK_KEYS + ("instances",)
@@ -56,6 +63,7 @@ LIST_KEYS = ("boxes", "points")
 LABEL_KEYS = MASK_KEYS + ("instances", "tags", "boxes", "points")
 COUNT_KEYS = ("dropped_boxes", "dropped_points")
 GEOMETRY_KEYS = ("orig_size", "content")
+VOLUME_KEYS = ("volume", "slice", "spacing")
 
 
 _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # torch has no comparisons for these on CPU
@@ -294,6 +302,14 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                                       for i, s in enumerate(samples)])
     if any(s.get("pad") for s in samples):  # evaluation filler under DDP (data/sampling.py): not scored
         batch["pad"] = torch.tensor([bool(s.get("pad", False)) for s in samples])
+    if any(key in s for s in samples for key in VOLUME_KEYS):  # slices of volumes: assembled for per-volume scores
+        for key in VOLUME_KEYS:
+            if not all(key in s for s in samples):
+                raise WeakSegDataError(f"some samples of the batch carry '{key}' and some do not", names, key)
+        batch["volume"] = [str(s["volume"]) for s in samples]
+        batch["slice"] = torch.tensor([int(s["slice"]) for s in samples])
+        batch["spacing"] = torch.stack([_as_tensor(s["spacing"], names[i], "spacing").float().reshape(3)
+                                        for i, s in enumerate(samples)])
     for key in COUNT_KEYS:
         if any(key in s for s in samples):
             batch[key] = torch.tensor([int(s.get(key, 0)) for s in samples])

@@ -59,7 +59,14 @@ class WeakSegDataModule(L.LightningDataModule):
     """Data for every regime.
 
     Args:
-        source: ``"synthetic"`` (built-in, the default) or ``"folder"``.
+        source: ``"synthetic"`` (built-in, the default), ``"folder"`` or ``"volumes"`` (NIfTI volumes served as 2D
+            slices, :class:`~.volumes.VolumeDataset`: ``image_dir`` / ``mask_dir`` / ``scribble_dir`` hold
+            ``<name>.nii.gz`` files; validation and test also log per-volume 3D Dice and HD95, ``val/volume_dice``,
+            ``val/volume_hd95``).
+        slice_axis, volume_norm, empty_slice_rate: volumes: the array axis that indexes slices (2: H × W × slices);
+            the per-volume intensity normalisation (``"percentile"``: clip to the 0.5–99.5th percentiles, scale to
+            [0, 1]; ``"zscore"``; ``"none"``); the share of training slices without foreground in the mask that is
+            kept (seeded; 1.0 keeps all; validation and test always keep every slice, volumes are scored whole).
         synthetic_kind, n_samples: the synthetic set (``"organ"`` multi-class or ``"nuclei"``) and its size.
         class_presence: synthetic organ set: probability that each structure is in an image (1.0: always; lower
             it for image-level tags that vary).
@@ -90,8 +97,11 @@ class WeakSegDataModule(L.LightningDataModule):
             and log the list). Data-set-wide problems (e.g. masks stored 0/255) always raise.
         check: run the data check in ``setup`` (folder data; cached by a fingerprint of the files).
         check_cache_dir: where check reports are cached (default ``~/.cache/lightning_weakseg/data_check``).
-        predict_dir: a folder of images to predict (no labels needed, any size).
-        test_dir: a separate labelled test folder (same layout arguments as ``root``).
+        predict_dir: a folder of images to predict (no labels needed, any size): ``predict_dataloader`` serves it
+            (:class:`~.predict.PredictDataset`: read with ``color_mode``, resized like training, with the geometry
+            that maps predictions back to each file's size); ``setup("predict")`` then reads nothing else.
+        test_dir: a separate labelled test folder (same layout arguments as ``root``); it replaces the
+            ``test_fraction`` split. With neither, the test loop scores the validation split, with a warning.
         native_eval: evaluation samples of folder data carry their mask at the file's resolution, and test
             scores are computed there.
     """
@@ -108,17 +118,22 @@ class WeakSegDataModule(L.LightningDataModule):
                  class_presence: float = 1.0, tiles: int = 1, tile_eval: str = "tiles",
                  resize: str = "longest", on_bad_data: str = "raise", check: bool = True,
                  check_cache_dir: str | None = None, predict_dir: str | None = None,
-                 test_dir: str | None = None, native_eval: bool = True):
+                 test_dir: str | None = None, native_eval: bool = True, slice_axis: int = 2,
+                 volume_norm: str = "percentile", empty_slice_rate: float = 1.0):
         super().__init__()
         if int(tiles) != tiles or tiles < 1:
             raise ValueError(f"tiles must be a positive integer, got {tiles!r}")
         if tile_eval not in ("tiles", "images"):
             raise ValueError(f"tile_eval must be 'tiles' or 'images', got {tile_eval!r}")
-        if source not in ("synthetic", "folder"):
-            raise ValueError(f"source must be 'synthetic' or 'folder', got {source!r}")
-        if source == "folder":
+        if source not in ("synthetic", "folder", "volumes"):
+            raise ValueError(f"source must be 'synthetic', 'folder' or 'volumes', got {source!r}")
+        if source == "volumes" and tiles != 1:
+            raise ValueError("tiles are not available for source='volumes' (slices are scored as whole volumes)")
+        if not 0.0 <= empty_slice_rate <= 1.0:
+            raise ValueError(f"empty_slice_rate must be in [0, 1], got {empty_slice_rate}")
+        if source in ("folder", "volumes"):
             if root is None or num_classes is None or in_channels is None:
-                raise ValueError("source='folder' needs root, num_classes and in_channels")
+                raise ValueError(f"source={source!r} needs root, num_classes and in_channels")
         else:
             num_classes = num_classes or KINDS[synthetic_kind]["num_classes"]
             in_channels = in_channels or KINDS[synthetic_kind]["in_channels"]
@@ -138,6 +153,9 @@ class WeakSegDataModule(L.LightningDataModule):
         if h.source == "synthetic":
             ds = SyntheticDataset(h.synthetic_kind, n=h.n_samples, class_presence=h.class_presence, **common)
             groups = [str(i) for i in range(len(ds))]
+        elif h.source == "volumes":
+            ds = self._volumes(h.root, mask_dir=h.mask_dir, scribble_dir=h.scribble_dir, **common)
+            groups = ds.groups(h.group_regex)
         else:
             ds = FolderDataset(h.root, image_dir=h.image_dir, mask_dir=h.mask_dir, instance_dir=h.instance_dir,
                                scribble_dir=h.scribble_dir, boxes_json=h.boxes_json, mask_map=h.mask_map,
@@ -160,6 +178,8 @@ class WeakSegDataModule(L.LightningDataModule):
         if bad:
             split = {k: [i for i in v if i not in bad] for k, v in split.items()}
         train_idx = split["train"]
+        if h.source == "volumes" and h.get("empty_slice_rate", 1.0) < 1.0:
+            train_idx = ds.drop_empty_slices(train_idx, h.empty_slice_rate, h.seed)
         if h.max_train_samples is not None and len(train_idx) > h.max_train_samples:
             rng = np.random.default_rng(h.seed + 1)
             train_idx = sorted(rng.choice(train_idx, h.max_train_samples, replace=False).tolist())
@@ -176,13 +196,21 @@ class WeakSegDataModule(L.LightningDataModule):
             # validate / test on the whole images (at tiles × image_size) the evaluation tiles came from
             eval_ds, per = ds.source, ds.grid ** 2
             val_idx, test_idx = sorted({i // per for i in val_idx}), sorted({i // per for i in test_idx})
-        native = h.source == "folder" and h.get("native_eval", True)
+        native = h.source in ("folder", "volumes") and h.get("native_eval", True)
         self.val_dataset = eval_ds.subset(val_idx, labels=eval_labels, augment="none", native_eval=native)
         self.test_dataset = (eval_ds.subset(test_idx, labels=eval_labels, augment="none", native_eval=native)
                              if test_idx else None)
         if h.get("test_dir"):  # a separate labelled test folder replaces the test split
             self.test_dataset = self._test_folder(eval_labels)
         self.full_dataset = ds
+
+    def _volumes(self, root, image_dir: str | None = None, **kwargs):
+        """A :class:`~.volumes.VolumeDataset` of ``root`` with this module's volume options."""
+        from .volumes import VolumeDataset
+        h = self.hparams
+        return VolumeDataset(root, image_dir=image_dir or h.image_dir, slice_axis=h.get("slice_axis", 2),
+                             volume_norm=h.get("volume_norm", "percentile"), resize=h.get("resize", "longest"),
+                             **kwargs)
 
     def _boxes_trained(self) -> bool:
         h = self.hparams
@@ -199,6 +227,9 @@ class WeakSegDataModule(L.LightningDataModule):
 
     def _check_report(self, ds, use_cache: bool = True):
         from .check import check_folder
+        from .volumes import VolumeDataset, check_volumes
+        if isinstance(ds, VolumeDataset):
+            return check_volumes(ds)
         folder = ds.source if isinstance(ds, TiledDataset) else ds
         if not isinstance(folder, FolderDataset):
             return None
@@ -249,14 +280,21 @@ class WeakSegDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers, collate_fn=collate,
                           persistent_workers=False, drop_last=False)
 
-    def _eval_loader(self, ds, collate_fn=collate):
+    def _eval_loader(self, ds, collate_fn=collate, whole_volumes: bool = False):
         """Evaluation: in one process the plain order; under DDP even shards whose filler samples carry
-        ``pad=True``, which the module leaves out of its metrics and predictions (no sample counts twice)."""
+        ``pad=True``, which the module leaves out of its metrics and predictions (no sample counts twice).
+        ``whole_volumes``: each rank gets whole volumes (:class:`~.volumes.WholeVolumeSampler`; prediction, so that
+        a rank can write the volumes it predicted); the per-volume scores gather slices instead."""
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=self.hparams.num_workers,
                               collate_fn=collate_fn, drop_last=False)
-        return DataLoader(PadFlagged(ds), batch_size=batch_size, sampler=PaddedEvalSampler(ds),
+        if whole_volumes:
+            from .volumes import WholeVolumeSampler
+            sampler = WholeVolumeSampler(ds)
+        else:
+            sampler = PaddedEvalSampler(ds)
+        return DataLoader(PadFlagged(ds), batch_size=batch_size, sampler=sampler,
                           num_workers=self.hparams.num_workers, collate_fn=collate_fn, drop_last=False)
 
     def train_dataloader(self):
@@ -310,6 +348,10 @@ class WeakSegDataModule(L.LightningDataModule):
         """The labelled folder ``test_dir``, read with the training layout arguments (sub-folders, mask_map,
         color_mode); whole images (with ``tiles``: at ``tiles × image_size``, the scale training saw)."""
         h = self.hparams
+        if h.source == "volumes":
+            return self._volumes(h.test_dir, mask_dir=h.mask_dir, num_classes=self.num_classes,
+                                 in_channels=self.in_channels, image_size=h.image_size, labels=labels,
+                                 augment="none", seed=h.seed, native_eval=bool(h.get("native_eval", True)))
         return FolderDataset(h.test_dir, image_dir=h.image_dir, mask_dir=h.mask_dir, instance_dir=h.instance_dir,
                              mask_map=h.mask_map, color_mode=h.color_mode, num_classes=self.num_classes,
                              in_channels=self.in_channels, image_size=h.image_size * int(h.get("tiles", 1)),
@@ -321,9 +363,16 @@ class WeakSegDataModule(L.LightningDataModule):
         ``tiles × image_size``: the scale training saw), else the test set (or the validation split). Under DDP
         each image is predicted by one rank (filler samples carry ``pad``)."""
         h = self.hparams
+        volumes = h.source == "volumes"
         if not h.get("predict_dir"):
-            return self._eval_loader(self.test_dataset if self.test_dataset is not None else self.val_dataset)
+            return self._eval_loader(self.test_dataset if self.test_dataset is not None else self.val_dataset,
+                                     whole_volumes=volumes)
         from .predict import PredictDataset, predict_collate
+        if volumes:  # the volumes of predict_dir itself, no labels; each rank predicts (and writes) whole volumes
+            ds = self._volumes(h.predict_dir, image_dir=".", mask_dir=None, scribble_dir=None, labels=(),
+                               num_classes=self.num_classes, in_channels=self.in_channels, image_size=h.image_size,
+                               keep_native=True, augment="none")
+            return self._eval_loader(ds, predict_collate, whole_volumes=True)
         ds = PredictDataset(h.predict_dir, in_channels=self.in_channels,
                             image_size=h.image_size * int(h.get("tiles", 1)),
                             resize=h.get("resize", "longest"), color_mode=h.color_mode, num_classes=self.num_classes)

@@ -16,6 +16,8 @@ from .geometry import RESIZE_MODES, fit
 from .transforms import apply, compose, train_augmentation
 from .weakify import weakify as derive_weak_labels
 
+__all__ = ["WeakSegDataset", "DERIVABLE"]
+
 DERIVABLE = ("tags", "boxes", "points", "scribble", "noisy_mask")
 
 

@@ -24,6 +24,8 @@ import numpy as np
 from ..errors import WeakSegDataError
 from .dataset import WeakSegDataset
 
+__all__ = ["FolderDataset", "IMAGE_EXTS", "truncation", "decode", "read_image", "read_label_map"]
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 

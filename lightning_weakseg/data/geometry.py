@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+__all__ = ["Fit", "fit", "RESIZE_MODES"]
+
 RESIZE_MODES = ("longest", "pad", "stretch")
 
 

@@ -17,6 +17,8 @@ import numpy as np
 
 from .dataset import WeakSegDataset
 
+__all__ = ["SyntheticDataset", "KINDS", "make_nuclei", "make_organ"]
+
 KINDS = {"nuclei": dict(num_classes=2, in_channels=3), "organ": dict(num_classes=4, in_channels=1)}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import albumentations as A
 import numpy as np
 
+__all__ = ["train_augmentation", "compose", "apply"]
+
 
 def train_augmentation(strength: str = "default") -> list:
     """Default training augmentation. ``"none"`` → no augmentation; ``"light"`` → flips only."""

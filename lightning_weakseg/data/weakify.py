@@ -13,6 +13,9 @@ from skimage.morphology import skeletonize
 
 from .batch import IGNORE_INDEX
 
+__all__ = ["objects", "tags_from_mask", "boxes_from_mask", "points_from_mask", "scribbles_from_mask", "noisy_mask",
+           "weakify"]
+
 
 def objects(mask: np.ndarray, instances: np.ndarray | None = None):
     """Yield ``(class, bool map)`` for each foreground object (classes >= 1)."""

@@ -16,7 +16,8 @@ Conventions shared by every function here
 * Everything is batched: boxes are padded into (B, Nmax) tensors with a validity mask, sums over boxes
   and bands come from an integral image (float64 cumulative sums, O(HW) per class), bands and boxes are
   enumerated with ``arange`` grids. No dense mask per box or band, no Python loop over boxes or bands.
-* ``reduction="sum"`` returns a scalar, ``"none"`` the per-image values (B,).
+* ``reduction``: ``"none"`` the per-image values (B,), ``"mean"`` their mean, ``"sum"`` (default) their sum
+  (the convention of :mod:`lightning_weakseg.losses`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._reduction import check_reduction, reduce
 from .log_barrier import log_barrier, quadratic_penalty
 
 __all__ = [
@@ -38,14 +40,6 @@ def _penalty(z: Tensor, t, penalty: str) -> Tensor:
     if penalty == "quadratic":
         return quadratic_penalty(z)
     raise ValueError(f"penalty: expected 'log_barrier' or 'quadratic', got {penalty!r}")
-
-
-def _reduce(per_image: Tensor, reduction: str) -> Tensor:
-    if reduction == "sum":
-        return per_image.sum()
-    if reduction == "none":
-        return per_image
-    raise ValueError(f"reduction: expected 'sum' or 'none', got {reduction!r}")
 
 
 def _prepare(probs: Tensor, boxes, name: str):
@@ -153,7 +147,8 @@ def tightness_prior(probs: Tensor, boxes, t: float | Tensor, band_width: int = 5
         t: barrier parameter (ignored by ``penalty="quadratic"``).
         band_width: w >= 1 lines per band.
         penalty: ``"log_barrier"`` or ``"quadratic"``.
-        reduction: ``"sum"`` (scalar) or ``"none"`` (per image, (B,)).
+        reduction: ``"none"`` (per image, (B,)), ``"mean"`` or ``"sum"`` of those over the images
+            (:mod:`lightning_weakseg.losses`).
 
     Example:
         >>> p = torch.zeros(1, 4, 4); p[0, :, 1] = 1.0; p[0, 1, :] = 1.0   # a cross fills every line
@@ -161,6 +156,7 @@ def tightness_prior(probs: Tensor, boxes, t: float | Tensor, band_width: int = 5
         >>> float(tightness_prior(p, box, t=5.0, band_width=2, penalty="quadratic"))
         0.0
     """
+    check_reduction(reduction)
     if not isinstance(band_width, int) or band_width < 1:
         raise ValueError(f"tightness_prior: expected an integer band_width >= 1, got {band_width!r}")
     p, coords, cls, valid, _ = _prepare(probs, boxes, "tightness_prior")
@@ -189,7 +185,7 @@ def tightness_prior(probs: Tensor, boxes, t: float | Tensor, band_width: int = 5
     z = torch.cat([col_z, row_z], -1).to(probs.dtype)
     ok = torch.cat([col_ok, row_ok], -1)
     terms = torch.where(ok, _penalty(z, t, penalty), z.new_zeros(()))
-    return _reduce(terms.sum((1, 2)) if terms.numel() else probs.new_zeros(B), reduction)
+    return reduce(terms.sum((1, 2)) if terms.numel() else probs.new_zeros(B), reduction)
 
 
 def emptiness_constraint(probs: Tensor, boxes, t: float | Tensor, penalty: str = "log_barrier",
@@ -209,12 +205,13 @@ def emptiness_constraint(probs: Tensor, boxes, t: float | Tensor, penalty: str =
         >>> float(emptiness_constraint(p, [torch.tensor([[0., 0., 2., 2.]])], t=1.0, penalty="quadratic"))
         0.25
     """
+    check_reduction(reduction)
     p, *_, fg = _prepare(probs, boxes, "emptiness_constraint")
     inside = box_coverage(probs, boxes) > 0
     if valid is not None:  # padding is neither inside nor outside a box
         inside = inside | ~valid.bool()[:, None]
     outside_sum = p.masked_fill(inside, 0.0)[:, fg].sum((-1, -2))        # (B, C_fg)
-    return _reduce(_penalty(outside_sum, t, penalty).sum(1), reduction)
+    return reduce(_penalty(outside_sum, t, penalty).sum(1), reduction)
 
 
 def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum", valid: Tensor | None = None) -> Tensor:
@@ -228,6 +225,7 @@ def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum", valid: Tensor | 
     Args:
         logits: (B,K,H,W) raw scores, K >= 2, channel 0 background.
         boxes: list of B tensors (N_i,5) ``[class,x0,y0,x1,y1]``.
+        reduction: ``"none"`` (per image, (B,)), ``"mean"`` or ``"sum"`` of those over the images.
         valid: optional (B,H,W) bool: only these pixels are constrained (padding of a letterboxed image is not).
 
     Example:
@@ -235,6 +233,7 @@ def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum", valid: Tensor | 
         >>> round(float(emptiness_ce(logits, [torch.tensor([[1., 0., 0., 1., 2.]])])), 4)  # log 2
         0.6931
     """
+    check_reduction(reduction)
     if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[1] < 2:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"emptiness_ce: expected logits (B,K,H,W) with K >= 2, got {got}")
@@ -246,7 +245,7 @@ def emptiness_ce(logits: Tensor, boxes, reduction: str = "sum", valid: Tensor | 
     if valid is not None:  # (B,H,W) bool: pixels outside it (padding) are not constrained
         constrained = constrained & valid.bool()
     per_image = (loss * constrained).sum((-1, -2)) / constrained.sum((-1, -2)).clamp(min=1)
-    return _reduce(per_image, reduction)
+    return reduce(per_image, reduction)
 
 
 def box_size_constraint(probs: Tensor, boxes, t: float | Tensor, a: float = 0.5, b: float = 0.9,
@@ -263,6 +262,7 @@ def box_size_constraint(probs: Tensor, boxes, t: float | Tensor, a: float = 0.5,
         >>> float(box_size_constraint(p, [torch.tensor([[0., 0., 2., 2.]])], t=1.0, penalty="quadratic"))
         1.0
     """
+    check_reduction(reduction)
     if not 0.0 <= a <= b:
         raise ValueError(f"box_size_constraint: expected 0 <= a <= b, got a={a}, b={b}")
     p, coords, cls, valid, _ = _prepare(probs, boxes, "box_size_constraint")
@@ -272,7 +272,7 @@ def box_size_constraint(probs: Tensor, boxes, t: float | Tensor, a: float = 0.5,
     area = ((x1 - x0) * (y1 - y0)).to(S.dtype)
     z = torch.stack([a * area - s, s - b * area], -1).to(probs.dtype)   # (B,N,2)
     terms = torch.where(valid[..., None], _penalty(z, t, penalty), z.new_zeros(()))
-    return _reduce(terms.sum((1, 2)), reduction)
+    return reduce(terms.sum((1, 2)), reduction)
 
 
 class TightnessPrior(nn.Module):
@@ -281,7 +281,7 @@ class TightnessPrior(nn.Module):
     def __init__(self, t: float = 5.0, band_width: int = 5, penalty: str = "log_barrier",
                  reduction: str = "sum") -> None:
         super().__init__()
-        self.t, self.band_width, self.penalty, self.reduction = t, band_width, penalty, reduction
+        self.t, self.band_width, self.penalty, self.reduction = t, band_width, penalty, check_reduction(reduction)
 
     def forward(self, probs: Tensor, boxes) -> Tensor:
         return tightness_prior(probs, boxes, self.t, self.band_width, self.penalty, self.reduction)
@@ -292,7 +292,7 @@ class EmptinessConstraint(nn.Module):
 
     def __init__(self, t: float = 5.0, penalty: str = "log_barrier", reduction: str = "sum") -> None:
         super().__init__()
-        self.t, self.penalty, self.reduction = t, penalty, reduction
+        self.t, self.penalty, self.reduction = t, penalty, check_reduction(reduction)
 
     def forward(self, probs: Tensor, boxes) -> Tensor:
         return emptiness_constraint(probs, boxes, self.t, self.penalty, self.reduction)
@@ -303,7 +303,7 @@ class EmptinessCE(nn.Module):
 
     def __init__(self, reduction: str = "sum") -> None:
         super().__init__()
-        self.reduction = reduction
+        self.reduction = check_reduction(reduction)
 
     def forward(self, logits: Tensor, boxes) -> Tensor:
         return emptiness_ce(logits, boxes, self.reduction)
@@ -315,7 +315,7 @@ class BoxSizeConstraint(nn.Module):
     def __init__(self, t: float = 5.0, a: float = 0.5, b: float = 0.9, penalty: str = "log_barrier",
                  reduction: str = "sum") -> None:
         super().__init__()
-        self.t, self.a, self.b, self.penalty, self.reduction = t, a, b, penalty, reduction
+        self.t, self.a, self.b, self.penalty, self.reduction = t, a, b, penalty, check_reduction(reduction)
 
     def forward(self, probs: Tensor, boxes) -> Tensor:
         return box_size_constraint(probs, boxes, self.t, self.a, self.b, self.penalty, self.reduction)

@@ -4,7 +4,8 @@ peer exchange and the segmentation losses. The small-loss selection itself, exac
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,55 @@ __all__ = [
     "coteaching_pair_loss",
     "coteaching_losses",
     "peer_relabel_losses",
+    "EXPERIMENTAL_SELECTION",
+    "experimental_options",
 ]
 
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_fraction(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0
+
+
+# name -> (default, check, what the check expects). Each default is the recommended behaviour; the other values
+# reproduce variants that are not recommended (docs/regimes/noisy.md, "Experimental options", has the measurements).
+EXPERIMENTAL_SELECTION: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
+    # "ce": rank images by their mean cross-entropy, the paper's rule (collapses to all-background masks)
+    "sample_rank": ("dice", lambda v: v in ("dice", "ce"), "'dice' or 'ce'"),
+    # False: one pixel ranking over all classes, the paper's rule (drops the minority foreground first)
+    "class_balanced": (True, _is_bool, "a bool"),
+    # True: co-teaching+ (Yu et al. 2019), candidates are the items where the two networks' arg-max differ (per
+    # sample: the images with any such pixel, their mean CE over those pixels)
+    "coteach_plus": (False, _is_bool, "a bool"),
+    # co-teaching+ only: a candidate group (a class for pixel selection, the batch for sample selection) whose
+    # disagreement items are fewer than this fraction of its labelled items, over all ranks, keeps all its labelled
+    # items; 0 is the paper's rule
+    "plus_min_disagreement": (0.1, _is_fraction, "a fraction in [0, 1]"),
+}
+
+
+def experimental_options(options: Mapping[str, Any] | None, known: Mapping[str, tuple[Any, Callable, str]],
+                         owner: str) -> dict[str, Any]:
+    """``options`` validated against ``known`` (name → (default, check, expectation)), defaults filled in.
+
+    Example:
+        >>> experimental_options({"sample_rank": "ce"}, EXPERIMENTAL_SELECTION, "f")["sample_rank"]
+        'ce'
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{owner}: unknown experimental options {unknown}; known: {sorted(known)}")
+    out = {}
+    for name, (default, check, expected) in known.items():
+        value = options.get(name, default)
+        if not check(value):
+            raise ValueError(f"{owner}: experimental option {name!r}: expected {expected}, got {value!r}")
+        out[name] = value
+    return out
 
 
 def coteaching_keep_ratio(epoch: int | float, forget_rate: float | Sequence[float], num_gradual: int = 10,
@@ -95,118 +143,134 @@ def coteaching_pair_loss(losses_a: Tensor, losses_b: Tensor, keep_ratio: float, 
 
 
 def coteaching_losses(logits_a: Tensor, logits_b: Tensor, target: Tensor, has: Tensor | None,
-                      keep_ratio: float | Sequence[float],
-                      *, selection: str = "pixel", disagreement: bool = False, ignore_index: int = 255,
-                      group=None, method: str = "radix", balance: bool = False,
-                      min_disagreement: float = 0.0, sample_rank: str = "ce") -> dict[str, Tensor]:
-    r"""Co-teaching (or co-teaching+) losses of two segmentation networks on a noisy mask.
+                      keep_ratio: float | Sequence[float], *, selection: str = "sample", ignore_index: int = 255,
+                      group=None, method: str = "radix", experimental: Mapping[str, Any] | None = None
+                      ) -> dict[str, Tensor]:
+    r"""Co-teaching losses of two segmentation networks on a noisy mask (Han et al. 2018).
 
-    Per-pixel cross-entropy :math:`\ell_{n,i} = -\log p^{(n)}_{i,y_i}` on the labelled pixels
-    (``target != ignore_index`` and ``has``). ``selection="pixel"``: items are pixels.
-    ``selection="sample"``: items are images, with loss = mean CE over the image's labelled pixels.
-    ``sample_rank`` (sample selection): what the images are ranked by — ``"ce"`` (that loss, the paper's rule)
-    or ``"dice"`` (each network's per-image soft Dice loss against the noisy mask, :func:`soft_dice_loss`; the
-    selected images still train on their mean CE). Mean CE is dominated by the background, so the smallest
-    losses belong to masks with little or no foreground — also the wrong ones whose object was dropped — and
-    small-loss selection by CE drifts to all-background (Kvasir, half the masks corrupted: 0.045 Dice against
-    naive's 0.282); a mask that misses an object the network sees, or doubles it, has a large Dice loss.
-    ``disagreement=True`` (co-teaching+, Yu et al. 2019): only pixels where the two networks' argmax
-    differ count (per sample: the loss is the mean over its disagreement pixels, images without any are
-    not candidates). Then :func:`coteaching_pair_loss` keeps R of the candidates for each network and
-    trains its peer on them.
+    Per-pixel cross-entropy :math:`\ell_{n,i} = -\log p^{(n)}_{i,y_i}` on the labelled pixels Λ
+    (``target != ignore_index`` and ``has``); :func:`coteaching_pair_loss` keeps R of the candidate items for
+    each network and trains its peer on them.
 
-    ``min_disagreement`` (co-teaching+ only): a candidate group (a class with ``balance``, else all labelled
-    pixels; images for sample selection) whose disagreement items are fewer than this fraction of its
-    labelled items, counted over all ranks, falls back to plain co-teaching (all its labelled items are
-    candidates). In segmentation the two networks soon agree on almost every pixel of the rare class; with
-    disagreement-only candidates that class then gets no gradient and both networks drift to "background"
-    everywhere (an absorbing state: agreement on the wrong class is never corrected). 0 = the paper's rule.
+    - ``selection="sample"``: items are images; each network ranks them by its per-image soft Dice loss against
+      the noisy mask (:func:`~lightning_weakseg.losses.soft_dice_loss`), the kept images train on their mean CE
+      over Λ. Mean CE is dominated by the background, so ranking by it keeps the masks that lost their object;
+      a mask that misses or doubles an object the network sees has a large Dice loss.
+    - ``selection="pixel"``: items are pixels, ranked by their CE, R of the candidates of *each noisy-label
+      class* kept: one ranking over all pixels drops the minority foreground first. ``keep_ratio`` may be a
+      sequence of K ratios, one per class (the fraction of wrong labels differs between classes).
 
-    ``balance=True`` (pixel selection only) keeps R of the candidates *of each noisy-label class* instead of R
-    of all candidates. Without it the small-loss rule favours the majority class: in a polyp or organ image the
-    few, harder foreground pixels have the largest losses and are the first dropped, so the kept set drifts
-    towards all-background as the forget rate grows. With ``balance``, ``keep_ratio`` may also be a sequence of K
-    ratios, one per noisy-label class (class c keeps ``keep_ratio[c]`` of its candidates): the fraction of wrong
-    labels differs between classes — e.g. 1 % of ACDC's noisy background against 25–33 % of its noisy
-    structures at noise rate 0.5 (``benchmarks/noise_stats.py``) — and one τ for all drops correct background
-    while it keeps wrong foreground.
+    ``experimental``: variants that are not recommended, checked against :data:`EXPERIMENTAL_SELECTION` (which
+    says what each does): ``sample_rank="ce"`` and ``class_balanced=False`` (the paper's rules), ``coteach_plus``
+    with ``plus_min_disagreement`` (co-teaching+, Yu et al. 2019).
 
     Args:
         logits_a, logits_b: (B, K, H, W). target: (B, H, W) long. has: (B,) bool or None (all labelled).
+        keep_ratio: R(T), or one per class (pixel selection). group, method: see :func:`small_loss_selection`.
 
     Returns:
         dict with ``loss_a``, ``loss_b`` (scalars), ``select_a``, ``select_b`` ((B, H, W) or (B,) bool)
         and ``candidates`` (the valid mask the selection ran on).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> la, lb = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g)
+        >>> target = torch.randint(0, 2, (4, 8, 8), generator=g)
+        >>> out = coteaching_losses(la, lb, target, None, 0.5)                    # 2 of the 4 images
+        >>> out["select_a"].tolist(), out["loss_a"].shape
+        ([False, True, True, False], torch.Size([]))
+        >>> [int((coteaching_losses(la, lb, target, None, (1.0, 0.5), selection="pixel")["select_a"]
+        ...       & (target == c)).sum()) for c in (0, 1)], [int((target == c).sum()) for c in (0, 1)]
+        ([127, 65], [127, 129])
     """
-    if selection not in ("pixel", "sample"):
-        raise ValueError(f"coteaching_losses: expected selection 'pixel' or 'sample', got {selection!r}")
-    if sample_rank not in ("ce", "dice"):
-        raise ValueError(f"coteaching_losses: expected sample_rank 'ce' or 'dice', got {sample_rank!r}")
-    if sample_rank != "ce" and selection != "sample":
-        raise ValueError("coteaching_losses: sample_rank='dice' needs selection='sample'")
-    if logits_a.shape != logits_b.shape or logits_a.dim() != 4:
-        raise ValueError(f"coteaching_losses: expected two (B, K, H, W) logits of equal shape, got "
-                         f"{tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
-    b, k, h, w = logits_a.shape
-    if tuple(target.shape) != (b, h, w):
-        raise ValueError(f"coteaching_losses: expected target of shape {(b, h, w)}, got {tuple(target.shape)}")
+    opts = experimental_options(experimental, EXPERIMENTAL_SELECTION, "coteaching_losses")
+    b, k = _check_inputs(logits_a, logits_b, target, selection)
+    ratios = _class_keep_ratios(keep_ratio, k, selection, opts["class_balanced"])
     labelled = target != ignore_index
     if has is not None:
         labelled = labelled & has.view(b, 1, 1)
     safe = torch.where(labelled, target, torch.zeros_like(target)).long()
     ce_a = F.cross_entropy(logits_a.float(), safe, reduction="none")
     ce_b = F.cross_entropy(logits_b.float(), safe, reduction="none")
-    if not 0.0 <= float(min_disagreement) <= 1.0:
-        raise ValueError(f"coteaching_losses: expected min_disagreement in [0, 1], got {min_disagreement}")
-    per_class = isinstance(keep_ratio, (list, tuple))
-    if per_class and len(keep_ratio) != k:
+    disagree = logits_a.detach().argmax(1) != logits_b.detach().argmax(1) if opts["coteach_plus"] else None
+    min_disagreement = float(opts["plus_min_disagreement"])
+    if selection == "pixel":
+        groups = [(labelled & (safe == c), ratios[c]) for c in range(k)] if opts["class_balanced"] \
+            else [(labelled, ratios[0])]
+        return _pixel_exchange(ce_a, ce_b, groups, disagree, min_disagreement, group, method)
+    region = labelled if disagree is None else \
+        _plus_candidates(labelled, labelled & disagree, min_disagreement, group, per_image=True)
+    scores = (None, None) if opts["sample_rank"] == "ce" else \
+        _dice_scores(logits_a, logits_b, target, labelled, ignore_index)
+    return _sample_exchange(ce_a, ce_b, region, ratios[0], scores, group, method)
+
+
+def _check_inputs(logits_a: Tensor, logits_b: Tensor, target: Tensor, selection: str) -> tuple[int, int]:
+    if selection not in ("pixel", "sample"):
+        raise ValueError(f"coteaching_losses: expected selection 'pixel' or 'sample', got {selection!r}")
+    if logits_a.shape != logits_b.shape or logits_a.dim() != 4:
+        raise ValueError(f"coteaching_losses: expected two (B, K, H, W) logits of equal shape, got "
+                         f"{tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
+    b, k, h, w = logits_a.shape
+    if tuple(target.shape) != (b, h, w):
+        raise ValueError(f"coteaching_losses: expected target of shape {(b, h, w)}, got {tuple(target.shape)}")
+    return b, k
+
+
+def _class_keep_ratios(keep_ratio, k: int, selection: str, balanced: bool) -> list[float]:
+    """One keep ratio per class: the given sequence (class-balanced pixel selection only), or R repeated."""
+    if not isinstance(keep_ratio, (list, tuple)):
+        return [float(keep_ratio)] * k
+    if selection != "pixel" or not balanced:
+        raise ValueError(f"coteaching_losses: one keep ratio per class ({list(keep_ratio)}) needs class-balanced "
+                         "pixel selection (selection='pixel')")
+    if len(keep_ratio) != k:
         raise ValueError(f"coteaching_losses: expected one keep ratio per class ({k}), got {len(keep_ratio)}: "
                          f"{list(keep_ratio)}")
-    ratios = [float(r) for r in keep_ratio] if per_class else [float(keep_ratio)] * k
-    region = labelled
-    if disagreement:
-        region = region & (logits_a.detach().argmax(1) != logits_b.detach().argmax(1))
-    fallback = disagreement and float(min_disagreement) > 0.0
+    return [float(r) for r in keep_ratio]
 
-    def _too_few(dis: Tensor, lab: Tensor) -> Tensor:  # counts over all ranks: every rank decides alike
-        counts, _ = _global_sum(torch.stack([dis.sum(), lab.sum()]).long(), group)
-        return counts[0] < float(min_disagreement) * counts[1]  # a 0-dim bool tensor: no host sync
 
-    if selection == "pixel" and balance:
-        select_a, select_b = torch.zeros_like(region), torch.zeros_like(region)
-        for c in range(k):  # a loop over classes (K collectives under DDP, the same K on every rank)
-            rc = region & (safe == c)
-            if fallback:
-                lab_c = labelled & (safe == c)
-                rc = torch.where(_too_few(rc, lab_c), lab_c, rc)
-                region = region | rc
-            select_a |= small_loss_selection(ce_a.detach(), ratios[c], rc, group, method=method)
-            select_b |= small_loss_selection(ce_b.detach(), ratios[c], rc, group, method=method)
-        return {"loss_a": masked_mean(ce_a, select_b, group), "loss_b": masked_mean(ce_b, select_a, group),
-                "select_a": select_a, "select_b": select_b, "candidates": region}
-    if balance:
-        raise ValueError("coteaching_losses: balance=True needs selection='pixel'")
-    if per_class:
-        raise ValueError("coteaching_losses: one keep ratio per class needs balance=True (class-balanced pixel "
-                         "selection)")
-    if fallback:
-        dis_items, lab_items = (region, labelled) if selection == "pixel" else \
-            (region.flatten(1).any(1), labelled.flatten(1).any(1))
-        region = torch.where(_too_few(dis_items, lab_items), labelled, region)
-    if selection == "pixel":
-        out = coteaching_pair_loss(ce_a, ce_b, keep_ratio, region, group, method=method)
-        out["candidates"] = region
-        return out
+def _plus_candidates(labelled: Tensor, disagreeing: Tensor, min_disagreement: float, group,
+                     per_image: bool = False) -> Tensor:
+    """Co-teaching+ candidates: ``disagreeing``, or all of ``labelled`` when the disagreement items (pixels, or
+    images with any, ``per_image``) are fewer than ``min_disagreement`` of the labelled ones over all ranks."""
+    if min_disagreement <= 0.0:
+        return disagreeing
+    dis, lab = (disagreeing.flatten(1).any(1), labelled.flatten(1).any(1)) if per_image else (disagreeing, labelled)
+    counts, _ = _global_sum(torch.stack([dis.sum(), lab.sum()]).long(), group)  # every rank decides alike
+    return torch.where(counts[0] < min_disagreement * counts[1], labelled, disagreeing)  # no host sync
+
+
+def _pixel_exchange(ce_a: Tensor, ce_b: Tensor, groups: list[tuple[Tensor, float]], disagree: Tensor | None,
+                    min_disagreement: float, group, method: str) -> dict[str, Tensor]:
+    """Each network keeps ``ratio`` of the candidate pixels of every group (class); its peer trains on them."""
+    select_a = select_b = candidates = torch.zeros_like(ce_a, dtype=torch.bool)
+    for labelled, ratio in groups:  # K collectives under DDP, the same K on every rank
+        cand = labelled if disagree is None else _plus_candidates(labelled, labelled & disagree, min_disagreement,
+                                                                  group)
+        select_a = select_a | small_loss_selection(ce_a.detach(), ratio, cand, group, method=method)
+        select_b = select_b | small_loss_selection(ce_b.detach(), ratio, cand, group, method=method)
+        candidates = candidates | cand
+    return {"loss_a": masked_mean(ce_a, select_b, group), "loss_b": masked_mean(ce_b, select_a, group),
+            "select_a": select_a, "select_b": select_b, "candidates": candidates}
+
+
+def _dice_scores(logits_a: Tensor, logits_b: Tensor, target: Tensor, labelled: Tensor,
+                 ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Each network's per-image soft Dice loss against the noisy mask, over all labelled pixels."""
+    noisy = torch.where(labelled, target, torch.full_like(target, ignore_index))
+    return (soft_dice_loss(torch.softmax(logits_a.detach().float(), 1), noisy, ignore_index),
+            soft_dice_loss(torch.softmax(logits_b.detach().float(), 1), noisy, ignore_index))
+
+
+def _sample_exchange(ce_a: Tensor, ce_b: Tensor, region: Tensor, ratio: float,
+                     scores: tuple[Tensor | None, Tensor | None], group, method: str) -> dict[str, Tensor]:
+    """Per-image mean CE over ``region``; images with any region pixel are the candidates of the exchange."""
     area = region.flatten(1).sum(1)
-    weights = region.to(ce_a.dtype) / area.clamp_min(1).view(b, 1, 1).to(ce_a.dtype)
+    weights = region.to(ce_a.dtype) / area.clamp_min(1).view(-1, 1, 1).to(ce_a.dtype)
     per_a, per_b = (ce_a * weights).flatten(1).sum(1), (ce_b * weights).flatten(1).sum(1)
-    scores_a = scores_b = None
-    if sample_rank == "dice":  # over all labelled pixels of the image (co-teaching+ only narrows the candidates)
-        noisy = torch.where(labelled, target, torch.full_like(target, ignore_index))
-        scores_a = soft_dice_loss(torch.softmax(logits_a.detach().float(), 1), noisy, ignore_index)
-        scores_b = soft_dice_loss(torch.softmax(logits_b.detach().float(), 1), noisy, ignore_index)
-    out = coteaching_pair_loss(per_a, per_b, keep_ratio, area > 0, group, method=method,
-                               scores_a=scores_a, scores_b=scores_b)
+    out = coteaching_pair_loss(per_a, per_b, ratio, area > 0, group, method=method,
+                               scores_a=scores[0], scores_b=scores[1])
     out["candidates"] = area > 0
     return out
 
@@ -220,18 +284,12 @@ def peer_relabel_losses(logits_a: Tensor, logits_b: Tensor, select_a: Tensor, se
         L^{rel}_a = \frac{1}{|\Lambda|} \sum_{i \in \Lambda \setminus S_b} -\log p^{(a)}_{i,\hat y^{(b)}_i},\qquad
         \hat y^{(b)}_i = \arg\max_k z^{(b)}_{i,k}\ \text{(no gradient)}
 
-    (and symmetrically for b), Λ the labelled pixels, normalised over all ranks (:func:`masked_mean`). Selection
-    can only *drop* a wrong label — the pixels where noise lives (object borders, vanished objects) then get no
-    supervision at all, which bounds any selection method below clean training; this term gives them the peer's
-    answer instead, in the spirit of label correction with two networks (Co-Correcting, Liu et al. 2021).
-    Per pixel it weighs as much as a selected pixel does in the co-teaching term.
-
-    With ``relabel_to="foreground"`` only rejected pixels whose peer arg-max is a foreground class (≠ 0) are
-    relabelled; where the peer says background the pixel stays unsupervised, as in plain co-teaching. Noise that
-    hides an object (a vanished or eroded structure, labelled background) is then corrected, while the failure of
-    the unrestricted rule — both networks agree on background for a rare class early on, and the term teaches
-    that agreement until the class is gone — cannot happen (dilated labels, wrongly foreground, are dropped by the
-    selection as before).
+    (and symmetrically for b), Λ the labelled pixels, normalised over all ranks (:func:`masked_mean`); per pixel it
+    weighs as much as a selected pixel does in the co-teaching term. Selection can only *drop* a wrong label; this
+    term gives the dropped pixels the peer's answer instead, in the spirit of label correction with two networks
+    (Co-Correcting, Liu et al. 2021). ``relabel_to="foreground"`` relabels only rejected pixels whose peer arg-max
+    is a foreground class (≠ 0), so that no class can be taught away. Not recommended: the peers teach back their
+    own errors (``CoTeachingMixin``'s ``experimental={"relabel_rejected": True}``; docs/regimes/noisy.md).
 
     Args:
         logits_a, logits_b: (B, K, H, W). select_a, select_b: (B, H, W) bool selections of

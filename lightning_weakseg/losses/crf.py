@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._reduction import check_reduction, reduce
+
 __all__ = ["gated_crf_loss", "dense_crf_loss", "GatedCRFLoss", "DenseCRFLoss"]
 
 
@@ -75,11 +77,11 @@ def _pair_sums(probs, image, valid, kernel_radius, sigma_xy, sigma_rgb, downscal
 
 def gated_crf_loss(probs: Tensor, image: Tensor, kernel_radius: int = 5, sigma_xy: float = 6.0,
                    sigma_rgb: float = 0.1, valid: Tensor | None = None, downscale: int = 1,
-                   reduction: str = "mean") -> Tensor:
-    r"""Gated CRF loss (Obukhov et al., 2019).
+                   reduction: str = "sum") -> Tensor:
+    r"""Gated CRF loss (Obukhov et al., 2019), per sample b:
 
     .. math::
-        L = \frac{\sum_i \sum_{j \in N(i), j \ne i} K_{ij}\, m_i m_j \sum_{a \ne b} p_i^a p_j^b}
+        L_b = \frac{\sum_i \sum_{j \in N(i), j \ne i} K_{ij}\, m_i m_j \sum_{a \ne b} p_i^a p_j^b}
                  {\sum_i \sum_{j \in N(i), j \ne i} m_i m_j},\qquad
         K_{ij} = \exp\Big(-\frac{\|P_i-P_j\|^2}{2\sigma_{xy}^2} - \frac{\|I_i-I_j\|^2}{2\sigma_{rgb}^2}\Big)
 
@@ -96,8 +98,9 @@ def gated_crf_loss(probs: Tensor, image: Tensor, kernel_radius: int = 5, sigma_x
         valid: optional (B, H, W) bool/float gate m (e.g. 0 outside the field of view, padding).
         downscale: average-pool probs, image and gate by this factor first (speed; the window then spans
             r·downscale full-resolution pixels; σ_xy keeps its full-resolution meaning).
-        reduction: "mean" (sum over the batch / valid pairs over the batch), "sum" (no normalisation) or
-            "none" (per sample, each normalised by its own valid pairs; (B,)).
+        reduction: ``"none"`` → :math:`L_b` (B,), each sample normalised by its own valid pairs; ``"mean"`` →
+            :math:`\frac{1}{B}\sum_b L_b` (every sample weighs the same, whatever its number of valid pairs);
+            ``"sum"`` → :math:`\sum_b L_b` (:mod:`lightning_weakseg.losses`).
 
     Example:
         >>> p = torch.tensor([[[[1., 0.], [1., 0.]], [[0., 1.], [0., 1.]]]])   # left column class 0
@@ -105,34 +108,32 @@ def gated_crf_loss(probs: Tensor, image: Tensor, kernel_radius: int = 5, sigma_x
         >>> round(float(gated_crf_loss(p, img, kernel_radius=1, sigma_xy=1e9)), 4)  # 8 of 12 pairs disagree
         0.6667
     """
+    check_reduction(reduction)
     _check(probs, image, valid, kernel_radius, downscale)
     loss, pairs = _pair_sums(probs, image, valid, kernel_radius, sigma_xy, sigma_rgb, int(downscale))
-    if reduction == "mean":
-        return loss.sum() / pairs.sum().clamp_min(1)
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss / pairs.clamp_min(1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduce(loss / pairs.clamp_min(1), reduction)
 
 
 def dense_crf_loss(probs: Tensor, image: Tensor, kernel_radius: int = 5, sigma_xy: float = 6.0,
                    sigma_rgb: float = 0.1, valid: Tensor | None = None, downscale: int = 1,
-                   reduction: str = "mean") -> Tensor:
-    r"""Dense-CRF regularised loss (Tang et al., ECCV 2018), windowed.
+                   reduction: str = "sum") -> Tensor:
+    r"""Dense-CRF regularised loss (Tang et al., ECCV 2018), windowed, per sample b:
 
     .. math::
-        R(p) = \frac{1}{|\Omega|} \sum_k p_k^\top W (1 - p_k),\qquad W_{ij} = K_{ij} m_i m_j\ (i \ne j,\ j \in N(i))
+        R_b(p) = \frac{1}{|\Omega_b|} \sum_k p_k^\top W (1 - p_k),\qquad W_{ij} = K_{ij} m_i m_j\ (i \ne j,\ j \in N(i))
 
     Tang et al. evaluate the fully connected W with a permutohedral lattice; here W is restricted to the
     (2r+1)² window (for softmax p, Σ_k p_i^k (1 − p_j^k) = Σ_{a≠b} p_i^a p_j^b, so the numerator equals the
-    gated CRF's). Normalised by the number of valid pixels |Ω| ("mean"), per sample ("none") or not ("sum").
+    gated CRF's). Each sample is normalised by its own number of valid pixels |Ω_b|; ``reduction``: ``"none"`` →
+    :math:`R_b` (B,), ``"mean"`` → :math:`\frac{1}{B}\sum_b R_b`, ``"sum"`` (default) → :math:`\sum_b R_b`
+    (:mod:`lightning_weakseg.losses`).
 
     Example:
         >>> p = torch.tensor([[[[1., 0.], [1., 0.]], [[0., 1.], [0., 1.]]]])
         >>> float(dense_crf_loss(p, torch.zeros(1, 1, 2, 2), kernel_radius=1, sigma_xy=1e9))  # 8 pairs / 4 px
         2.0
     """
+    check_reduction(reduction)
     _check(probs, image, valid, kernel_radius, downscale)
     ds = int(downscale)
     loss, _ = _pair_sums(probs, image, valid, kernel_radius, sigma_xy, sigma_rgb, ds)
@@ -140,23 +141,17 @@ def dense_crf_loss(probs: Tensor, image: Tensor, kernel_radius: int = 5, sigma_x
     if ds > 1:
         m = (F.avg_pool2d(m[:, None], ds, ceil_mode=True)[:, 0] >= 0.5).to(probs.dtype)
     n = m.flatten(1).sum(1)
-    if reduction == "mean":
-        return loss.sum() / n.sum().clamp_min(1)
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss / n.clamp_min(1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return reduce(loss / n.clamp_min(1), reduction)
 
 
 class GatedCRFLoss(nn.Module):
     """Module form of :func:`gated_crf_loss`; stores the hyper-parameters."""
 
     def __init__(self, kernel_radius: int = 5, sigma_xy: float = 6.0, sigma_rgb: float = 0.1, downscale: int = 1,
-                 reduction: str = "mean"):
+                 reduction: str = "sum"):
         super().__init__()
         self.kernel_radius, self.sigma_xy, self.sigma_rgb = kernel_radius, sigma_xy, sigma_rgb
-        self.downscale, self.reduction = downscale, reduction
+        self.downscale, self.reduction = downscale, check_reduction(reduction)
 
     def forward(self, probs: Tensor, image: Tensor, valid: Tensor | None = None) -> Tensor:
         return gated_crf_loss(probs, image, self.kernel_radius, self.sigma_xy, self.sigma_rgb, valid,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["soft_dice_loss"]
+
 
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     r"""Per-sample soft Dice loss over the foreground classes, labelled pixels only.
@@ -16,7 +18,8 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, ignore_index: int 
         probs: (B, K, H, W) softmax. target: (B, H, W) long with ``ignore_index`` for unknown pixels.
 
     Returns:
-        (B,) losses in [0, 1].
+        (B,) losses in [0, 1]: always the per-sample values (``reduction="none"`` in the convention of
+        :mod:`lightning_weakseg.losses`); reduce them with :func:`lightning_weakseg.losses.reduce`.
 
     Example:
         >>> t = torch.tensor([[[0, 1], [1, 1]]])

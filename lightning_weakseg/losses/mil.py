@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._reduction import check_reduction, reduce
 from .log_barrier import log_barrier, quadratic_penalty
 
 __all__ = ["mil_max", "mil_mean", "mil_lse", "mil_topk", "mil_gem", "mil_pool", "softmax_log_odds", "mil_loss",
@@ -170,20 +171,22 @@ def softmax_log_odds(logits: Tensor) -> Tensor:
 
 
 def mil_loss(image_scores: Tensor, tags: Tensor, *, probabilities: bool = False, classes: slice | None = None,
-             reduction: str = "none") -> Tensor:
+             reduction: str = "sum") -> Tensor:
     """Binary cross-entropy per class between pooled image scores (B, K) and multi-hot tags (B, K):
 
     L_b = (1/|C|) Σ_{c∈C} −[t_bc log σ(z_bc) + (1 − t_bc) log(1 − σ(z_bc))]  (z logits; or probabilities
     directly with ``probabilities=True``, e.g. after GeM on probabilities).
 
     ``classes``: the columns to supervise (e.g. ``slice(1, None)`` to leave out background).
-    Returns per-sample losses (B,) (``reduction="none"``) or their mean.
+    ``reduction``: ``"none"`` → L_b (B,), ``"mean"`` / ``"sum"`` → their mean / sum over the batch
+    (:mod:`lightning_weakseg.losses`).
 
     Example:
         >>> z = torch.tensor([[0.0, 0.0]]); t = torch.tensor([[1.0, 0.0]])
         >>> round(mil_loss(z, t).item(), 4)   # log 2
         0.6931
     """
+    check_reduction(reduction)
     if image_scores.ndim != 2 or image_scores.shape != tags.shape:
         raise ValueError(f"mil_loss: expected scores and tags of the same shape (B, K), got "
                          f"{tuple(image_scores.shape)} and {tuple(tags.shape)}")
@@ -194,16 +197,11 @@ def mil_loss(image_scores: Tensor, tags: Tensor, *, probabilities: bool = False,
         bce = F.binary_cross_entropy(image_scores.clamp(1e-6, 1 - 1e-6), tags, reduction="none")
     else:
         bce = F.binary_cross_entropy_with_logits(image_scores, tags, reduction="none")
-    per_sample = bce.mean(1)
-    if reduction == "none":
-        return per_sample
-    if reduction == "mean":
-        return per_sample.mean()
-    raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+    return reduce(bce.mean(1), reduction)
 
 
 def tag_size_constraint(probs: Tensor, tags: Tensor, t: float | Tensor, a: float, b: float,
-                        penalty: str = "log_barrier") -> Tensor:
+                        penalty: str = "log_barrier", reduction: str = "sum") -> Tensor:
     r"""Size bounds for the classes an image is tagged with (Kervadec et al., "Constrained-CNN losses for weakly
     supervised segmentation", MedIA 2019): :math:`a N \le \sum_i p_{ic} \le b N` for every tagged foreground
     class c, N the pixel count, as two penalised constraints divided by N:
@@ -218,15 +216,16 @@ def tag_size_constraint(probs: Tensor, tags: Tensor, t: float | Tensor, a: float
     Args:
         probs: softmax probabilities (B, K, *spatial). tags: multi-hot (B, K); column 0 (background) is ignored.
         t: barrier parameter. a, b: bounds as fractions of the image, 0 <= a <= b <= 1.
-
-    Returns:
-        per-sample losses (B,).
+        reduction: ``"none"`` → L_b (B,), ``"mean"`` / ``"sum"`` → their mean / sum over the batch
+            (:mod:`lightning_weakseg.losses`).
 
     Example:
         >>> p = torch.tensor([[[[0.9, 0.9], [0.9, 0.9]], [[0.1, 0.1], [0.1, 0.1]]]])   # class 1: 0.4 of N = 4
-        >>> tag_size_constraint(p, torch.tensor([[1.0, 1.0]]), 1.0, 0.2, 0.5, penalty="quadratic")  # (0.8-0.4)²/4
+        >>> tag_size_constraint(p, torch.tensor([[1.0, 1.0]]), 1.0, 0.2, 0.5, penalty="quadratic",
+        ...                     reduction="none")                                     # (0.8-0.4)²/4
         tensor([0.0400])
     """
+    check_reduction(reduction)
     if probs.ndim < 3 or tags.shape != probs.shape[:2]:
         raise ValueError(f"tag_size_constraint: expected probs (B, K, *spatial) and tags (B, K), got "
                          f"{tuple(probs.shape)} and {tuple(tags.shape)}")
@@ -239,7 +238,7 @@ def tag_size_constraint(probs: Tensor, tags: Tensor, t: float | Tensor, a: float
     z = torch.stack([a * n - size, size - b * n], -1)
     pen = log_barrier(z, t) if penalty == "log_barrier" else quadratic_penalty(z)
     tagged = (tags[:, 1:] > 0.5).to(pen.dtype)
-    return (pen.sum(-1) * tagged).sum(1) / n
+    return reduce((pen.sum(-1) * tagged).sum(1) / n, reduction)
 
 
 class MILPool(nn.Module):
@@ -265,19 +264,22 @@ class MILLoss(nn.Module):
     """Pool segmentation logits (B, K, *s) and apply :func:`mil_loss` against tags (B, K).
 
     Logits are turned into per-pixel softmax log-odds (``gem`` pools softmax probabilities instead and takes
-    BCE on probabilities). ``background=False`` leaves column 0 out of the loss.
+    BCE on probabilities). ``background=False`` leaves column 0 out of the loss. ``reduction`` as in
+    :func:`mil_loss`.
     """
 
-    def __init__(self, method: str = "lse", num_classes: int | None = None, background: bool = False, **kwargs):
+    def __init__(self, method: str = "lse", num_classes: int | None = None, background: bool = False,
+                 reduction: str = "sum", **kwargs):
         super().__init__()
         self.pool = MILPool(method, num_classes, **kwargs)
         self.background = background
+        self.reduction = check_reduction(reduction)
 
     def image_scores(self, logits: Tensor) -> Tensor:
         if self.pool.method == "gem":
             return self.pool(logits.softmax(1))
         return self.pool(softmax_log_odds(logits))
 
-    def forward(self, logits: Tensor, tags: Tensor, reduction: str = "none") -> Tensor:
+    def forward(self, logits: Tensor, tags: Tensor) -> Tensor:
         return mil_loss(self.image_scores(logits), tags, probabilities=self.pool.method == "gem",
-                        classes=None if self.background else slice(1, None), reduction=reduction)
+                        classes=None if self.background else slice(1, None), reduction=self.reduction)

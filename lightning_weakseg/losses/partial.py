@@ -1,5 +1,6 @@
-"""Losses for partial labels (scribbles): partial cross-entropy and two label-free regularisers, entropy
-minimisation and total variation. Batched, device-agnostic, no NumPy.
+"""Losses for partial labels (scribbles): the masked (partial) cross-entropy that every dense label map of the
+library trains with, and two label-free regularisers, entropy minimisation and total variation. Batched,
+device-agnostic, no NumPy.
 
 The gated CRF regulariser that usually goes with them is :func:`lightning_weakseg.losses.gated_crf_loss`.
 """
@@ -9,15 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["partial_cross_entropy", "entropy_loss", "total_variation_loss",
+from ._reduction import check_reduction, reduce
+
+__all__ = ["masked_cross_entropy", "partial_cross_entropy", "entropy_loss", "total_variation_loss",
            "PartialCrossEntropyLoss", "EntropyLoss", "TotalVariationLoss"]
-
-_REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
 def _check_probs(probs: Tensor, name: str = "probs") -> None:
@@ -25,49 +21,56 @@ def _check_probs(probs: Tensor, name: str = "probs") -> None:
         raise ValueError(f"expected {name} of shape (B, K, H, W), got {tuple(probs.shape)}")
 
 
-def partial_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255,
-                          reduction: str = "mean") -> Tensor:
-    r"""Cross-entropy over the labelled pixels only (scribbles, clicks, any map with an ignore value).
+def masked_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255, *, weight: Tensor | None = None,
+                         reduction: str = "sum") -> Tensor:
+    r"""Cross-entropy over each sample's labelled pixels (partial cross-entropy: scribbles, clicks, pseudo labels,
+    full masks — any label map with an ignore value).
 
-    For sample b with labelled pixels :math:`\Omega_b = \{i : y_{bi} \ne \text{ignore}\}`
+    For sample b with labelled pixels :math:`\Omega_b = \{i : y_{bi} \ne \text{ignore}\}` and optional class
+    weights w (all ones by default)
 
     .. math::
-        \mathrm{pCE}_b = \frac{1}{|\Omega_b|} \sum_{i \in \Omega_b} -\log \operatorname{softmax}(z_{bi})_{y_{bi}}
+        \mathrm{pCE}_b = \frac{1}{|\Omega_b|} \sum_{i \in \Omega_b} -w_{y_{bi}}
+        \log \operatorname{softmax}(z_{bi})_{y_{bi}}
 
     and :math:`\mathrm{pCE}_b = 0` (with zero gradient) when :math:`\Omega_b = \emptyset`. Each sample is a
-    mean over its own pixels, so a sample with a long scribble does not outweigh one with a short scribble.
+    mean over its own pixels, so a sample with a long scribble does not outweigh one with a short scribble. The
+    weights scale the pixels' terms, the divisor stays the pixel count (a background weight < 1 lowers the
+    background pixels' share, as for partial points in Qu et al. 2019).
 
     Args:
-        logits: (B, K, H, W) raw scores.
-        target: (B, H, W) long class ids in [0, K) or ``ignore_index``.
+        logits: (B, K, *spatial) raw scores.
+        target: (B, *spatial) long class ids in [0, K) or ``ignore_index``.
         ignore_index: value of unlabelled pixels.
-        reduction: ``"none"`` → (B,); ``"mean"`` → mean over the samples that have labelled pixels (0 if none);
-            ``"sum"`` → sum over samples.
+        weight: optional (K,) class weights.
+        reduction: ``"none"`` → :math:`\mathrm{pCE}_b` (B,); ``"mean"`` → :math:`\frac{1}{B}\sum_b
+            \mathrm{pCE}_b` (a sample without labelled pixels counts as 0); ``"sum"`` → :math:`\sum_b
+            \mathrm{pCE}_b` (:mod:`lightning_weakseg.losses`).
 
     Example:
         >>> z = torch.zeros(1, 2, 1, 2)                       # uniform prediction
         >>> y = torch.tensor([[[1, 255]]])                    # one labelled pixel
-        >>> round(float(partial_cross_entropy(z, y)), 4)      # log 2
+        >>> round(float(masked_cross_entropy(z, y)), 4)       # log 2
         0.6931
     """
-    _check_reduction(reduction)
-    _check_probs(logits, "logits")
+    check_reduction(reduction)
+    if logits.ndim < 3:
+        raise ValueError(f"expected logits of shape (B, K, *spatial), got {tuple(logits.shape)}")
     if target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"expected target of shape (B, H, W) = {(logits.shape[0],) + tuple(logits.shape[2:])}, "
+        raise ValueError(f"expected target of shape (B, *spatial) = {(logits.shape[0],) + tuple(logits.shape[2:])}, "
                          f"got {tuple(target.shape)}")
     if target.dtype != torch.long:
         raise ValueError(f"expected a long target (class ids), got dtype {target.dtype}")
-    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").flatten(1)
+    ce = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none").flatten(1)
     n = (target != ignore_index).flatten(1).sum(1)
-    per_sample = ce.sum(1) / n.clamp_min(1)
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample.sum() / (n > 0).sum().clamp_min(1)
+    return reduce(ce.sum(1) / n.clamp_min(1), reduction)
 
 
-def entropy_loss(probs: Tensor, valid: Tensor | None = None, reduction: str = "mean", eps: float = 1e-8) -> Tensor:
+#: Partial cross-entropy (scribbles): the same function as :func:`masked_cross_entropy`.
+partial_cross_entropy = masked_cross_entropy
+
+
+def entropy_loss(probs: Tensor, valid: Tensor | None = None, reduction: str = "sum", eps: float = 1e-8) -> Tensor:
     r"""Entropy minimisation (Grandvalet & Bengio, NeurIPS 2004): push every pixel towards a confident class.
 
     .. math::
@@ -79,7 +82,8 @@ def entropy_loss(probs: Tensor, valid: Tensor | None = None, reduction: str = "m
     Args:
         probs: (B, K, H, W) class probabilities (softmax output).
         valid: optional (B, H, W) bool/float gate (e.g. only unlabelled pixels, a field of view).
-        reduction: ``"none"`` → (B,), ``"mean"`` over samples, ``"sum"`` over samples.
+        reduction: ``"none"`` → :math:`H_b` (B,), ``"mean"`` / ``"sum"`` → their mean / sum over the batch
+            (:mod:`lightning_weakseg.losses`).
         eps: keeps ``log`` finite at p = 0.
 
     Example:
@@ -87,7 +91,7 @@ def entropy_loss(probs: Tensor, valid: Tensor | None = None, reduction: str = "m
         >>> round(float(entropy_loss(p)), 4)                  # log 2
         0.6931
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_probs(probs)
     ent = -(probs * torch.log(probs + eps)).sum(1)  # (B, H, W)
     if valid is None:
@@ -97,12 +101,10 @@ def entropy_loss(probs: Tensor, valid: Tensor | None = None, reduction: str = "m
             raise ValueError(f"expected valid of shape (B, H, W) = {tuple(ent.shape)}, got {tuple(valid.shape)}")
         m = valid.to(ent.dtype)
         per_sample = (ent * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
-    if reduction == "none":
-        return per_sample
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+    return reduce(per_sample, reduction)
 
 
-def total_variation_loss(probs: Tensor, reduction: str = "mean") -> Tensor:
+def total_variation_loss(probs: Tensor, reduction: str = "sum") -> Tensor:
     r"""Anisotropic total variation of the probability maps, per pixel (favours piecewise-constant maps).
 
     .. math::
@@ -114,43 +116,41 @@ def total_variation_loss(probs: Tensor, reduction: str = "mean") -> Tensor:
 
     Args:
         probs: (B, K, H, W) class probabilities.
-        reduction: ``"none"`` → (B,), ``"mean"`` over samples, ``"sum"`` over samples.
+        reduction: ``"none"`` → :math:`\mathrm{TV}_b` (B,), ``"mean"`` / ``"sum"`` → their mean / sum over the
+            batch (:mod:`lightning_weakseg.losses`).
 
     Example:
         >>> p = torch.zeros(1, 2, 2, 2); p[:, 0, :, 0] = 1; p[:, 1, :, 1] = 1   # left column class 0
         >>> float(total_variation_loss(p))                    # 2 classes × 2 rows × |1 − 0| / 4 px
         1.0
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_probs(probs)
     h, w = probs.shape[-2:]
     dy = (probs[..., 1:, :] - probs[..., :-1, :]).abs().flatten(1).sum(1)
     dx = (probs[..., :, 1:] - probs[..., :, :-1]).abs().flatten(1).sum(1)
-    per_sample = (dy + dx) / (h * w)
-    if reduction == "none":
-        return per_sample
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+    return reduce((dy + dx) / (h * w), reduction)
 
 
 class PartialCrossEntropyLoss(nn.Module):
-    """Module form of :func:`partial_cross_entropy`."""
+    """Module form of :func:`masked_cross_entropy` (partial cross-entropy); ``weight`` optional (K,) class
+    weights."""
 
-    def __init__(self, ignore_index: int = 255, reduction: str = "mean"):
+    def __init__(self, ignore_index: int = 255, reduction: str = "sum", weight: Tensor | None = None):
         super().__init__()
-        _check_reduction(reduction)
-        self.ignore_index, self.reduction = ignore_index, reduction
+        self.ignore_index, self.reduction = ignore_index, check_reduction(reduction)
+        self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return partial_cross_entropy(logits, target, self.ignore_index, self.reduction)
+        return masked_cross_entropy(logits, target, self.ignore_index, weight=self.weight, reduction=self.reduction)
 
 
 class EntropyLoss(nn.Module):
     """Module form of :func:`entropy_loss`."""
 
-    def __init__(self, reduction: str = "mean", eps: float = 1e-8):
+    def __init__(self, reduction: str = "sum", eps: float = 1e-8):
         super().__init__()
-        _check_reduction(reduction)
-        self.reduction, self.eps = reduction, eps
+        self.reduction, self.eps = check_reduction(reduction), eps
 
     def forward(self, probs: Tensor, valid: Tensor | None = None) -> Tensor:
         return entropy_loss(probs, valid, self.reduction, self.eps)
@@ -159,10 +159,9 @@ class EntropyLoss(nn.Module):
 class TotalVariationLoss(nn.Module):
     """Module form of :func:`total_variation_loss`."""
 
-    def __init__(self, reduction: str = "mean"):
+    def __init__(self, reduction: str = "sum"):
         super().__init__()
-        _check_reduction(reduction)
-        self.reduction = reduction
+        self.reduction = check_reduction(reduction)
 
     def forward(self, probs: Tensor) -> Tensor:
         return total_variation_loss(probs, self.reduction)

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.profiler import record_function
 
 __all__ = ["small_loss_selection", "masked_mean"]
 
@@ -79,12 +80,13 @@ def small_loss_selection(losses: Tensor, keep_ratio: float, valid: Tensor | None
         raise ValueError(f"small_loss_selection: expected method 'radix' or 'gather', got {method!r}")
     distributed, world, rank = _world(group)
     flat_valid = valid.reshape(-1)
-    if not distributed or method == "gather":
-        # NaN sorts last (as +inf); + 0.0 turns -0.0 into +0.0 so that the two compare and tie as equal
-        values = torch.nan_to_num(losses.detach().float(), nan=math.inf).reshape(-1) + 0.0
-        keep = _select_gather(values, flat_valid, ratio, group, world if distributed else 1, rank)
-    else:
-        keep = _select_radix(_ordered_keys(losses).reshape(-1), flat_valid, ratio, group, world, rank)
+    with record_function("small_loss_selection"):  # a named range for torch.profiler (benchmarks/speed.py)
+        if not distributed or method == "gather":
+            # NaN sorts last (as +inf); + 0.0 turns -0.0 into +0.0 so that the two compare and tie as equal
+            values = torch.nan_to_num(losses.detach().float(), nan=math.inf).reshape(-1) + 0.0
+            keep = _select_gather(values, flat_valid, ratio, group, world if distributed else 1, rank)
+        else:
+            keep = _select_radix(_ordered_keys(losses).reshape(-1), flat_valid, ratio, group, world, rank)
     return keep.reshape(losses.shape)
 
 

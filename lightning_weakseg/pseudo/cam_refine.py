@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE = 255
+from ..data.batch import IGNORE_INDEX
+
 
 __all__ = ["affinity_random_walk", "disk_offsets", "cam_to_pseudo", "cams_to_probs", "crf_refine_cams"]
 
@@ -176,13 +177,13 @@ def cam_to_pseudo(cams: Tensor, tags: Tensor, fg_threshold: float = 0.4, bg_thre
     score, arg = fg.max(1)
     score = torch.where(tagged[:, 1:].any(1)[:, None, None], score, torch.zeros_like(score))
     bg_ok = tagged[:, 0][:, None, None]
-    out = torch.full((b, h, w), IGNORE, dtype=torch.long, device=cams.device)
+    out = torch.full((b, h, w), IGNORE_INDEX, dtype=torch.long, device=cams.device)
     out = torch.where(score >= fg_threshold, arg + 1, out)
     out = torch.where((score < bg_threshold) & bg_ok, torch.zeros_like(out), out)
     n_tags = tagged.sum(1)
     only = tagged.float().argmax(1)  # the single tag where n_tags == 1
     out = torch.where((n_tags == 1)[:, None, None], only[:, None, None].expand(b, h, w), out)
-    return torch.where((n_tags == 0)[:, None, None], torch.full_like(out, IGNORE), out)
+    return torch.where((n_tags == 0)[:, None, None], torch.full_like(out, IGNORE_INDEX), out)
 
 
 def cams_to_probs(cams: Tensor, tags: Tensor, background_alpha: float = 1.0, eps: float = 1e-5) -> Tensor:

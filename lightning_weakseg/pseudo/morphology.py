@@ -7,6 +7,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+__all__ = []
+
 
 def _disk(r: float) -> np.ndarray:
     """Structuring element {(dy, dx): dy² + dx² <= r²}, uint8."""

@@ -37,9 +37,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import WeakSegDataError
+from ..data.batch import IGNORE_INDEX
 from .morphology import _dilate_in_cells, _disk, _erode_in_cells, _fill_holes, _remove_small, _u8  # noqa: F401
 
-IGNORE = 255
 
 __all__ = ["voronoi_labels", "cluster_labels", "point_labels", "voronoi_cells"]
 
@@ -227,7 +227,7 @@ def voronoi_labels(points, shape, *, point_radius: float = 2.0, connectivity: in
     if connectivity not in (1, 2):
         raise ValueError(f"connectivity must be 1 or 2, got {connectivity}")
     pts = _check_points(points, shape)
-    out = np.full(shape, IGNORE, np.uint8)
+    out = np.full(shape, IGNORE_INDEX, np.uint8)
     if len(pts) == 0:
         return out
     geo = _geometry(pts, shape, _cells)
@@ -312,7 +312,7 @@ def cluster_labels(image, points, *, n_clusters: int = 3, color_scale: float = 0
         raise WeakSegDataError(f"expected a uint8 image, got {img.dtype}", field="image")
     shape = img.shape[:2]
     pts = _check_points(points, shape)
-    out = np.full(shape, IGNORE, np.uint8)
+    out = np.full(shape, IGNORE_INDEX, np.uint8)
     if len(pts) == 0:
         return out
     if scale <= 0:

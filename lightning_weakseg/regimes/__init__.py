@@ -1,4 +1,9 @@
-"""lightning_weakseg.regimes"""
+"""Regimes: one mixin per kind of weak label, composed with :class:`~lightning_weakseg.WeakSegModule` by
+inheritance. A mixin adds named loss terms (``loss_terms``); shared state and shared decisions have one owner:
+:class:`BarrierMixin` (the log-barrier t), :class:`PseudoLabelMixin` (whose rule labels which sample), and
+``WeakSegModule.replaces_base_term`` (a regime that trains on the base label map itself)."""
+from ._barrier import BarrierMixin
+from ._pseudo import PseudoLabelMixin, PseudoLabelRule
 from .boxes import BoxTightnessMixin, BoxSegModule
 from .points import PointVoronoiMixin, PointSegModule
 from .coteaching import CoTeachingMixin, CoTeachingSegModule
@@ -6,3 +11,8 @@ from .robust import RobustLossMixin, RobustSegModule
 from .scribbles import ScribbleMixin, ScribbleSegModule
 from .mixed import MixedSegModule
 from .tags import ImageLevelMixin, TagSegModule
+
+__all__ = ["BarrierMixin", "PseudoLabelMixin", "PseudoLabelRule",
+           "BoxTightnessMixin", "BoxSegModule", "PointVoronoiMixin", "PointSegModule",
+           "CoTeachingMixin", "CoTeachingSegModule", "RobustLossMixin", "RobustSegModule",
+           "ScribbleMixin", "ScribbleSegModule", "MixedSegModule", "ImageLevelMixin", "TagSegModule"]

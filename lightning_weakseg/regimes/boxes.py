@@ -10,11 +10,12 @@ import torch
 from ..data.batch import content_mask
 from ..losses.boxes import box_size_constraint, emptiness_ce, emptiness_constraint, tightness_prior
 from ..module import WeakSegModule
+from ._barrier import BarrierMixin
 
 __all__ = ["BoxTightnessMixin", "BoxSegModule"]
 
 
-class BoxTightnessMixin:
+class BoxTightnessMixin(BarrierMixin):
     """Adds ``box/tightness``, ``box/emptiness`` and ``box/size`` for samples that carry ``boxes``.
 
     Terms (per image, then :meth:`batch_mean` over the batch — samples without boxes count 0):
@@ -35,8 +36,9 @@ class BoxTightnessMixin:
     not depend on the image size. Box annotations are assumed complete: an image with boxes but none of class c
     has no c; an image with an empty box list is all background.
 
-    t comes from ``self.barrier_t`` (set each epoch by
-    :class:`~lightning_weakseg.callbacks.LogBarrierSchedule`; ``box_t0`` until then).
+    t comes from ``self.barrier_t``, owned by :class:`~lightning_weakseg.regimes.BarrierMixin` (one t for every
+    constraint term of the module; set each epoch by :class:`~lightning_weakseg.callbacks.LogBarrierSchedule`,
+    ``box_t0`` until then).
 
     Args:
         box_band_width: lines per band of the tightness prior.
@@ -65,7 +67,7 @@ class BoxTightnessMixin:
             box_size_bounds = (a, b)
         self.box_band_width, self.box_emptiness = box_band_width, box_emptiness
         self.box_size_bounds, self.box_penalty = box_size_bounds, box_penalty
-        self.barrier_t = float(box_t0)
+        self.start_barrier_t("box_t0", box_t0)
 
     def loss_terms(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(batch, out)

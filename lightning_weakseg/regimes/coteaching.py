@@ -1,9 +1,10 @@
-"""Noisy masks: co-teaching (Han et al., NeurIPS 2018) and co-teaching+ (Yu et al., ICML 2019) for segmentation.
+"""Noisy masks: co-teaching (Han et al., NeurIPS 2018) for segmentation, co-teaching+ (Yu et al., ICML 2019) as an
+experimental option.
 
-Two networks see the same batch. Each ranks its own per-pixel (or per-image) cross-entropy on the noisy mask,
-keeps the fraction R(T) with the smallest loss, and its PEER is trained on that selection. The selection is
-global over DDP ranks (:func:`lightning_weakseg.losses.small_loss_selection`): two processes select what one
-process selects on the concatenated batch.
+Two networks see the same batch. Each ranks its own per-image (or per-pixel) loss on the noisy mask, keeps the
+fraction R(T) with the smallest loss, and its PEER is trained on that selection. The selection is global over DDP
+ranks (:func:`lightning_weakseg.losses.small_loss_selection`): two processes select what one process selects on
+the concatenated batch.
 
 Optimisation: the peer is a registered submodule (``self.peer_model``), so the base module's single AdamW covers
 both networks under automatic optimisation. The two terms touch disjoint parameters and AdamW is
@@ -12,97 +13,98 @@ global norm would see both networks together).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
 
-from ..losses.coteaching import coteaching_keep_ratio, coteaching_losses, peer_relabel_losses
+from ..losses.coteaching import (EXPERIMENTAL_SELECTION, coteaching_keep_ratio, coteaching_losses,
+                                 experimental_options, peer_relabel_losses)
 from ..module import WeakSegModule
 from ..nn import replace_batchnorm
 
-__all__ = ["CoTeachingMixin", "CoTeachingSegModule"]
+__all__ = ["CoTeachingMixin", "CoTeachingSegModule", "EXPERIMENTAL_COTEACHING"]
+
+
+def _is_epoch(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# the selection's options (losses.coteaching.EXPERIMENTAL_SELECTION) and the mixin's own; not recommended
+EXPERIMENTAL_COTEACHING = {
+    **EXPERIMENTAL_SELECTION,
+    # co-teaching+ from this epoch on (plain co-teaching before, as in the authors' code)
+    "plus_start_epoch": (0, _is_epoch, "an epoch >= 0"),
+    # add noisy/relabel_a|b: each network learns its peer's arg-max where the peer's selection rejected the label
+    "relabel_rejected": (False, lambda v: isinstance(v, bool), "a bool"),
+    # from this epoch (None: num_gradual, when the forget rate reaches τ)
+    "relabel_start_epoch": (None, lambda v: v is None or _is_epoch(v), "None or an epoch >= 0"),
+    # "foreground": relabel only where the peer predicts a class >= 1
+    "relabel_to": ("any", lambda v: v in ("any", "foreground"), "'any' or 'foreground'"),
+}
 
 
 class CoTeachingMixin:
-    """Co-teaching on ``batch[noisy_key]`` with a peer network; adds ``noisy/coteach_a`` and ``noisy/coteach_b``.
+    """Co-teaching on ``batch[noisy_key]`` with a peer network; adds ``noisy/coteach_a`` and ``noisy/coteach_b``,
+    which replace the base ``seg/ce`` term (``replaces_base_term``).
 
     Args:
         noisy_key: the dense noisy label map (255 = ignore) the two networks learn from.
-        forget_rate: τ, the fraction finally dropped (≈ the noise rate); with ``class_balanced`` also a list of
-            ``num_classes`` rates, one per noisy-label class (≈ the fraction of wrong labels among the pixels
-            labelled c; ``benchmarks/noise_stats.py`` prints it for the simulator).
+        forget_rate: τ, the fraction finally dropped: the share of wrong masks for ``selection="sample"``; for
+            ``"pixel"`` the fraction of wrong labels, also a list of ``num_classes`` rates, one per noisy-label
+            class (``benchmarks/noise_stats.py`` measures them for the simulator).
         num_gradual: T_k, epochs over which the forget rate ramps up; exponent: c.
             R(T) = 1 − min(T^c / T_k · τ, τ) with T the 0-based epoch. A
             :class:`~lightning_weakseg.callbacks.ForgetRateSchedule` callback, when present, sets
             ``self.keep_ratio`` each epoch instead (and checkpoints the schedule).
-        selection: ``"pixel"`` (rank pixels) or ``"sample"`` (rank images by their mean CE).
-        sample_rank: sample selection only: rank the images by ``"ce"`` (their mean CE, the paper's rule) or
-            ``"dice"`` (each network's per-image soft Dice loss against the noisy mask; the selected images
-            still train on CE). Mean CE favours masks with little foreground, also those that lost their
-            object, and drifts to all-background; see :func:`~lightning_weakseg.losses.coteaching_losses`.
-        coteach_plus: co-teaching+: only pixels where the networks' argmax disagree are candidates,
-            from epoch ``plus_start_epoch`` on (plain co-teaching before, as in the authors' code).
-        plus_min_disagreement: co-teaching+ only: a class (with ``class_balanced``; else all pixels) whose
-            disagreement pixels are fewer than this fraction of its labelled pixels uses plain co-teaching in
-            that step (0 = the paper's rule, which collapses to all-background on polyps; see
-            :func:`~lightning_weakseg.losses.coteaching_losses`).
+        selection: ``"sample"`` (default: images ranked by each network's soft Dice loss against the noisy mask,
+            the kept ones train on CE — for data where some masks are wrong and the others right) or ``"pixel"``
+            (pixels ranked by CE, R of each noisy-label class kept — for masks that are all wrong along their
+            borders); see :func:`~lightning_weakseg.losses.coteaching_losses`.
         inference: ``"average"`` (mean of the two softmaxes), ``"a"`` (the main model) or ``"b"`` (the peer);
             used by validation, test and predict through ``out["logits"]``/``out["probs"]``.
         peer_arch, peer_encoder, peer_model_kwargs: the peer's SMP architecture (default: the same as the
             main model), built with ``smp.create_model`` and its own random initialisation.
         selection_method: ``"radix"`` or ``"gather"`` for the DDP threshold (same result).
-        class_balanced: keep R(T) of the candidate pixels of each noisy-label class rather than of all pixels
-            (pixel selection only): the plain rule drops the minority foreground first (see
-            :func:`~lightning_weakseg.losses.coteaching_losses`).
-        relabel_rejected: add ``noisy/relabel_a|b`` — each network learns its peer's arg-max on the labelled
-            pixels the peer's selection rejected (:func:`~lightning_weakseg.losses.peer_relabel_losses`), from
-            epoch ``relabel_start_epoch`` (``None``: ``num_gradual``, when the forget rate has reached τ). With
-            sample selection the rejected images' pixels are relabelled: the peer's prediction replaces a mask
-            the peer judged wrong, so the images of the dropped masks still train (self-training by the
-            peer; with half of the masks corrupted it lost 5.6-10 Dice points to plain sample selection,
-            docs/regimes/noisy.md).
-        relabel_to: ``"any"`` (the peer's arg-max whatever its class) or ``"foreground"`` (only where the peer
-            predicts a class ≥ 1: recovers objects the noisy mask lost, cannot teach a class away).
+        experimental: variants that are **not recommended** (each lost to the defaults or collapsed in the
+            benchmarks, docs/regimes/noisy.md), kept to reproduce them; names and values are checked against
+            :data:`EXPERIMENTAL_COTEACHING`: ``sample_rank="ce"`` (the paper's ranking by mean CE),
+            ``class_balanced=False`` (one pixel ranking over all classes), ``coteach_plus=True`` with
+            ``plus_start_epoch`` and ``plus_min_disagreement`` (co-teaching+; a class — or the batch, per sample
+            — with fewer disagreement items than that fraction of its labelled ones uses plain co-teaching),
+            ``relabel_rejected=True`` with ``relabel_start_epoch`` and ``relabel_to`` (``noisy/relabel_a|b``,
+            :func:`~lightning_weakseg.losses.peer_relabel_losses`; with sample selection every labelled pixel of a
+            rejected image is relabelled).
     """
 
     default_loss_weights = {"noisy/coteach_a": 1.0, "noisy/coteach_b": 1.0, "noisy/relabel_a": 1.0,
                             "noisy/relabel_b": 1.0}
+    replaces_base_term = True  # the two co-teaching terms replace plain CE on the base label map
 
     def __init__(self, *, noisy_key: str = "noisy_mask", forget_rate: float | list[float] = 0.3,
-                 num_gradual: int = 10,
-                 exponent: float = 1.0, selection: str = "pixel", coteach_plus: bool = False,
-                 plus_start_epoch: int = 0, plus_min_disagreement: float = 0.1, inference: str = "average",
-                 peer_arch: str | None = None,
-                 peer_encoder: str | None = None, peer_model_kwargs: dict[str, Any] | None = None,
-                 selection_method: str = "radix", class_balanced: bool = False, relabel_rejected: bool = False,
-                 relabel_start_epoch: int | None = None, relabel_to: str = "any", sample_rank: str = "ce",
-                 **kwargs):
+                 num_gradual: int = 10, exponent: float = 1.0, selection: str = "sample", inference: str = "average",
+                 peer_arch: str | None = None, peer_encoder: str | None = None,
+                 peer_model_kwargs: dict[str, Any] | None = None, selection_method: str = "radix",
+                 experimental: dict[str, Any] | None = None, **kwargs):
         if selection not in ("pixel", "sample"):
             raise ValueError(f"selection: expected 'pixel' or 'sample', got {selection!r}")
-        if sample_rank not in ("ce", "dice"):
-            raise ValueError(f"sample_rank: expected 'ce' or 'dice', got {sample_rank!r}")
-        if sample_rank != "ce" and selection != "sample":
-            raise ValueError("sample_rank='dice' needs selection='sample'")
         if inference not in ("average", "a", "b"):
             raise ValueError(f"inference: expected 'average', 'a' or 'b', got {inference!r}")
-        if class_balanced and selection != "pixel":
-            raise ValueError("class_balanced=True needs selection='pixel'")
-        if relabel_to not in ("any", "foreground"):
-            raise ValueError(f"relabel_to: expected 'any' or 'foreground', got {relabel_to!r}")
         if selection_method not in ("radix", "gather"):
             raise ValueError(f"selection_method: expected 'radix' or 'gather', got {selection_method!r}")
-        if not 0.0 <= float(plus_min_disagreement) <= 1.0:
-            raise ValueError(f"plus_min_disagreement: expected a fraction in [0, 1], got {plus_min_disagreement}")
+        options = experimental_options(experimental, EXPERIMENTAL_COTEACHING, "CoTeachingMixin")
         coteaching_keep_ratio(0, forget_rate, num_gradual, exponent)  # validates the schedule
         per_class = isinstance(forget_rate, (list, tuple))
-        if per_class and not class_balanced:
-            raise ValueError(f"forget_rate: one rate per class ({list(forget_rate)}) needs class_balanced=True")
+        if per_class and (selection != "pixel" or not options["class_balanced"]):
+            raise ValueError(f"forget_rate: one rate per class ({list(forget_rate)}) needs class-balanced pixel "
+                             "selection (selection='pixel')")
         super().__init__(**kwargs)
         h = self.hparams
         if per_class and len(forget_rate) != h.num_classes:
             raise ValueError(f"forget_rate: expected one rate per class (num_classes={h.num_classes}), got "
                              f"{len(forget_rate)}: {list(forget_rate)}")
+        self._experimental = options
         model_kwargs = dict(h.model_kwargs or {}) if peer_model_kwargs is None else dict(peer_model_kwargs)
         if h.cls_head:
             model_kwargs.setdefault("aux_params", {"classes": h.num_classes, "dropout": 0.0})
@@ -140,51 +142,78 @@ class CoTeachingMixin:
             out["logits"], out["probs"] = probs.clamp_min(1e-12).log(), probs
         return out
 
+    def inference_network(self) -> torch.nn.Module:
+        """The network ``save_pretrained`` writes: the main network for ``inference="a"``, the peer for ``"b"``.
+        With ``"average"`` the module predicts with the mean of both softmaxes, which one plain SMP model cannot
+        hold: the main network is written (a warning says so, and ``weakseg.json`` names it)."""
+        if self.hparams.inference == "b":
+            return self.peer_model
+        if self.hparams.inference == "average":
+            warnings.warn("co-teaching with inference='average' predicts with the mean of two networks; "
+                          "save_pretrained writes the main network (inference='a') alone", stacklevel=3)
+        return self.model
+
+    def inference_network_name(self) -> str:
+        return "peer_model" if self.hparams.inference == "b" else "model"
+
     # ------------------------------------------------------------------ loss terms
     def loss_terms(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:
         terms = super().loss_terms(batch, out)
+        noisy = self._noisy_target(batch, out["logits_a"])
+        if noisy is None:
+            return terms
+        target, has = noisy
+        h, opts = self.hparams, self._experimental
+        plus = opts["coteach_plus"] and self.current_epoch >= opts["plus_start_epoch"]
+        res = coteaching_losses(out["logits_a"], out["logits_b"], target, has, self.current_keep_ratio(),
+                                selection=h.selection, ignore_index=self.ignore_index, method=h.selection_method,
+                                experimental=self._selection_options(plus))
+        terms["noisy/coteach_a"], terms["noisy/coteach_b"] = res["loss_a"], res["loss_b"]
+        start = h.num_gradual if opts["relabel_start_epoch"] is None else opts["relabel_start_epoch"]
+        if opts["relabel_rejected"] and self.current_epoch >= start:
+            terms["noisy/relabel_a"], terms["noisy/relabel_b"] = self._relabel_losses(out, target, has, res)
+        if self._trainer is not None:
+            self._log_selection(res, target, has, plus)
+        return terms
+
+    def _noisy_target(self, batch: dict, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The noisy mask and its flags; under DDP a rank without any noisy mask still joins the selection's
+        collectives with an all-ignore target. None: nothing to select."""
         key = self.hparams.noisy_key
         present = key in batch and bool(batch[f"has_{key}"].any())
-        distributed = self._trainer is not None and self._trainer.world_size > 1
-        if not present and not distributed:
-            return terms
-        logits_a, logits_b = out["logits_a"], out["logits_b"]
+        if not present and not (self._trainer is not None and self._trainer.world_size > 1):
+            return None
         if key in batch:
-            target, has = batch[key], batch[f"has_{key}"]
-        else:  # under DDP every rank must join the selection's collectives, even without noisy masks
-            b, _, hh, ww = logits_a.shape
-            target = torch.full((b, hh, ww), self.ignore_index, dtype=torch.long, device=logits_a.device)
-            has = torch.zeros(b, dtype=torch.bool, device=logits_a.device)
-        h = self.hparams
-        plus = bool(h.coteach_plus) and self.current_epoch >= h.plus_start_epoch
-        ratio = self.current_keep_ratio()
-        res = coteaching_losses(logits_a, logits_b, target, has, ratio, selection=h.selection,
-                                disagreement=plus, ignore_index=self.ignore_index, method=h.selection_method,
-                                balance=bool(h.get("class_balanced", False)),
-                                min_disagreement=float(h.get("plus_min_disagreement", 0.0)) if plus else 0.0,
-                                sample_rank=h.get("sample_rank", "ce"))
-        terms["noisy/coteach_a"] = res["loss_a"]
-        terms["noisy/coteach_b"] = res["loss_b"]
-        if h.get("relabel_rejected", False):
-            start = h.get("relabel_start_epoch")
-            if self.current_epoch >= (h.num_gradual if start is None else start):
-                labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
-                sel_a, sel_b = res["select_a"], res["select_b"]
-                if h.selection == "sample":  # an image's selection covers its labelled pixels
-                    sel_a, sel_b = labelled & sel_a.view(-1, 1, 1), labelled & sel_b.view(-1, 1, 1)
-                terms["noisy/relabel_a"], terms["noisy/relabel_b"] = peer_relabel_losses(
-                    logits_a, logits_b, sel_a, sel_b, labelled,
-                    relabel_to=h.get("relabel_to", "any"))
-        if self._trainer is not None:
-            bs = logits_a.shape[0]
-            cand = res["candidates"].sum().clamp_min(1)
-            self.log("train/coteach_kept", res["select_a"].sum() / cand, on_step=False, on_epoch=True, batch_size=bs)
-            if plus:
-                labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
-                frac = res["candidates"].float().mean() if h.selection == "sample" else \
-                    res["candidates"].sum() / labelled.sum().clamp_min(1)
-                self.log("train/coteach_disagreement", frac, on_step=False, on_epoch=True, batch_size=bs)
-        return terms
+            return batch[key], batch[f"has_{key}"]
+        b, _, hh, ww = logits.shape
+        return (torch.full((b, hh, ww), self.ignore_index, dtype=torch.long, device=logits.device),
+                torch.zeros(b, dtype=torch.bool, device=logits.device))
+
+    def _selection_options(self, plus: bool) -> dict[str, Any] | None:
+        """The experimental options :func:`coteaching_losses` reads, only those off their defaults."""
+        opts = {**{k: self._experimental[k] for k in EXPERIMENTAL_SELECTION}, "coteach_plus": plus}
+        changed = {k: v for k, v in opts.items() if v != EXPERIMENTAL_SELECTION[k][0]}
+        if not plus:
+            changed.pop("plus_min_disagreement", None)
+        return changed or None
+
+    def _relabel_losses(self, out: dict, target: torch.Tensor, has: torch.Tensor, res: dict):
+        labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
+        sel_a, sel_b = res["select_a"], res["select_b"]
+        if self.hparams.selection == "sample":  # an image's selection covers its labelled pixels
+            sel_a, sel_b = labelled & sel_a.view(-1, 1, 1), labelled & sel_b.view(-1, 1, 1)
+        return peer_relabel_losses(out["logits_a"], out["logits_b"], sel_a, sel_b, labelled,
+                                   relabel_to=self._experimental["relabel_to"])
+
+    def _log_selection(self, res: dict, target: torch.Tensor, has: torch.Tensor, plus: bool) -> None:
+        bs = target.shape[0]
+        cand = res["candidates"].sum().clamp_min(1)
+        self.log("train/coteach_kept", res["select_a"].sum() / cand, on_step=False, on_epoch=True, batch_size=bs)
+        if plus:
+            labelled = (target != self.ignore_index) & has.view(-1, 1, 1)
+            frac = res["candidates"].float().mean() if self.hparams.selection == "sample" else \
+                res["candidates"].sum() / labelled.sum().clamp_min(1)
+            self.log("train/coteach_disagreement", frac, on_step=False, on_epoch=True, batch_size=bs)
 
 
 class CoTeachingSegModule(CoTeachingMixin, WeakSegModule):

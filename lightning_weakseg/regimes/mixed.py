@@ -14,18 +14,6 @@ from .tags import ImageLevelMixin
 __all__ = ["MixedSegModule"]
 
 
-def _data_label_keys(dm) -> set[str] | None:
-    """Label keys a WeakSegDataModule's training split carries (``None`` when it cannot be told)."""
-    hp = getattr(dm, "hparams", None)
-    if hp is None:
-        return None
-    fractions = hp.get("label_fractions")
-    if fractions:
-        return {k for name in fractions for k in str(name).split("+")}
-    labels = hp.get("train_labels")
-    return None if labels is None else set(labels)
-
-
 class MixedSegModule(ScribbleMixin, ImageLevelMixin, BoxTightnessMixin, PointVoronoiMixin, WeakSegModule):
     """Full masks, scribbles, boxes and points in one batch (pair with ``WeakSegDataModule(label_fractions=...)``).
 
@@ -59,12 +47,12 @@ class MixedSegModule(ScribbleMixin, ImageLevelMixin, BoxTightnessMixin, PointVor
     for every batch.
 
     Point-cluster labels are computed at fit start only when the data module's training labels include
-    ``points``. The self-training labels (:meth:`make_pseudo_labels`) follow each sample's label: the scribble
-    rule for scribbled samples, the tag rule (MIL softmax or CAM of the tagged classes, thresholded) for tagged
-    ones, the point rule (Voronoi-constrained, dense-CRF refined) for the others.
+    ``points``. The self-training labels (``make_pseudo_labels``,
+    :class:`~lightning_weakseg.regimes.PseudoLabelMixin`) follow each sample's label, whatever the order of the
+    bases: the scribble rule for scribbled samples, then the tag rule (MIL softmax or CAM of the tagged classes,
+    thresholded) for tagged ones, then the point rule (Voronoi-constrained, dense-CRF refined) for the others.
+    ``tags/pseudo`` trains on the samples whose labels are the tag rule's.
     """
-
-    tag_pseudo_needs_tags = True
 
     def __init__(self, *, tag_cls: bool = False, tag_pseudo_source: str = "mil", tag_refine: str = "none",
                  **kwargs):
@@ -72,15 +60,3 @@ class MixedSegModule(ScribbleMixin, ImageLevelMixin, BoxTightnessMixin, PointVor
         model without tags has exactly the parameters of the plain model. ``tag_cls=True`` adds SMP's head and
         ``tags/cls``; ``tag_pseudo_source="cam"`` (needs the head) makes CAM pseudo-masks for self-training."""
         super().__init__(tag_cls=tag_cls, tag_pseudo_source=tag_pseudo_source, tag_refine=tag_refine, **kwargs)
-
-    def on_fit_start(self):
-        keys = _data_label_keys(getattr(self.trainer, "datamodule", None))
-        if keys is None or "points" in keys or not self.point_precompute:
-            super().on_fit_start()
-            return
-        # no sample carries points: skip the pass over the training set that computes cluster labels
-        self.point_precompute = False
-        try:
-            super().on_fit_start()
-        finally:
-            self.point_precompute = True

@@ -9,7 +9,7 @@ Terms (all over the samples that carry ``points``):
   data set's pseudo labels with the cluster labels of Qu et al. (k-means on colour and distance, computed once
   on the un-augmented base view, see :func:`~lightning_weakseg.pseudo.cluster_labels`); the data set augments
   them with the image. When a :class:`~lightning_weakseg.callbacks.PseudoLabelRefresh` runs, its self-training
-  labels (:meth:`PointVoronoiMixin.make_pseudo_labels`) replace them.
+  labels (:meth:`PointVoronoiMixin.point_pseudo_labels`, the ``"points"`` pseudo-label rule) replace them.
 * ``point/crf`` — gated CRF loss (Obukhov et al. 2019) on the predicted probabilities, from
   ``point_crf_start_epoch`` on (the paper fine-tunes with a CRF loss after the CE stage).
 
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.batch import IGNORE_INDEX, content_mask
 from ..losses.crf import gated_crf_loss
+from ..losses.partial import masked_cross_entropy
 from ..module import WeakSegModule
-
-IGNORE = 255
+from ._pseudo import PseudoLabelMixin, PseudoLabelRule
 
 __all__ = ["PointVoronoiMixin", "PointSegModule", "voronoi_labels_torch"]
 
@@ -44,7 +43,7 @@ def voronoi_labels_torch(points: list[torch.Tensor], shape: tuple[int, int], poi
     h, w = shape
     b = len(points)
     device = device if device is not None else (points[0].device if b else "cpu")
-    out = torch.full((b, h, w), IGNORE, dtype=torch.long, device=device)
+    out = torch.full((b, h, w), IGNORE_INDEX, dtype=torch.long, device=device)
     m = max((len(p) for p in points), default=0)
     if m == 0:
         return out
@@ -90,14 +89,19 @@ def voronoi_labels_torch(points: list[torch.Tensor], shape: tuple[int, int], poi
     return lab
 
 
-def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor:
-    """Per-sample Σ w[y]·CE over labelled pixels / number of labelled pixels: (B,)."""
-    ce = F.cross_entropy(logits, target, weight=class_weight, ignore_index=IGNORE, reduction="none").flatten(1)
-    n = (target != IGNORE).flatten(1).sum(1)
-    return ce.sum(1) / n.clamp_min(1)
+def _data_label_keys(dm) -> set[str] | None:
+    """Label keys a WeakSegDataModule's training split carries (``None`` when it cannot be told)."""
+    hp = getattr(dm, "hparams", None)
+    if hp is None:
+        return None
+    fractions = hp.get("label_fractions")
+    if fractions:
+        return {k for name in fractions for k in str(name).split("+")}
+    labels = hp.get("train_labels")
+    return None if labels is None else set(labels)
 
 
-class PointVoronoiMixin:
+class PointVoronoiMixin(PseudoLabelMixin):
     """Point regime of Qu et al.: Voronoi + cluster labels with CE, then a CRF loss. See the module docstring.
 
     Args:
@@ -106,15 +110,16 @@ class PointVoronoiMixin:
         point_cluster_kwargs: options of :func:`~lightning_weakseg.pseudo.cluster_labels` (e.g. ``scale``).
         point_precompute: compute the cluster labels at fit start for the training samples that carry points and
             have no pseudo label yet (labels already there, e.g. restored by a PseudoLabelRefresh on resume, are
-            kept).
+            kept). A data module whose training labels do not include points gets no pass over its data.
         point_crf_kernel_radius, point_crf_sigma_xy, point_crf_sigma_rgb, point_crf_downscale: gated CRF loss.
         point_crf_start_epoch: first epoch with the ``point/crf`` term.
-        point_refine: ``"crf"`` (dense CRF on the prediction) or ``"none"`` for :meth:`make_pseudo_labels`.
+        point_refine: ``"crf"`` (dense CRF on the prediction) or ``"none"`` for :meth:`point_pseudo_labels`.
         point_refine_kwargs: options of :func:`~lightning_weakseg.pseudo.dense_crf`.
         point_confidence: self-training pixels whose refined probability is below this become unknown.
     """
 
     default_loss_weights = {"point/voronoi": 1.0, "point/cluster": 1.0, "point/crf": 0.1}
+    pseudo_label_rule = PseudoLabelRule("points", key="points", make="point_pseudo_labels", priority=10)
 
     def __init__(self, *, point_radius: float = 2.0, point_bg_weight: float = 1.0,
                  point_cluster_kwargs: dict | None = None, point_precompute: bool = True,
@@ -155,10 +160,11 @@ class PointVoronoiMixin:
         if valid is not None:  # padding of a letterboxed image carries no label
             valid = valid.to(logits.device)
             vor = torch.where(valid, vor, torch.full_like(vor, IGNORE_INDEX))
-        terms["point/voronoi"] = self.batch_mean(_weighted_ce(logits, vor, weight), has)
+        terms["point/voronoi"] = self.batch_mean(
+            masked_cross_entropy(logits, vor, IGNORE_INDEX, weight=weight, reduction="none"), has)
         if "pseudo" in batch and batch["has_pseudo"].any():
-            terms["point/cluster"] = self.batch_mean(_weighted_ce(logits, batch["pseudo"], weight),
-                                                     batch["has_pseudo"] & has)
+            cluster = masked_cross_entropy(logits, batch["pseudo"], IGNORE_INDEX, weight=weight, reduction="none")
+            terms["point/cluster"] = self.batch_mean(cluster, batch["has_pseudo"] & has)
         if self.current_epoch >= self.point_crf_start_epoch:
             crf = gated_crf_loss(out["probs"], batch["image"], reduction="none", valid=valid, **self.point_crf)
             terms["point/crf"] = self.batch_mean(crf, has)
@@ -201,6 +207,9 @@ class PointVoronoiMixin:
         ds = getattr(dm, "train_dataset", None)
         if not self.point_precompute or ds is None or not hasattr(dm, "train_eval_dataloader"):
             return
+        keys = _data_label_keys(dm)
+        if keys is not None and "points" not in keys:
+            return  # no training sample carries points: no pass over the training set
         # only samples that carry points get cluster labels; in a mixed data set the others never have one, so
         # "every sample has a label" would never hold and a resume would overwrite restored self-training labels
         keys_for = getattr(ds, "keys_for", None)
@@ -214,9 +223,9 @@ class PointVoronoiMixin:
             labels.setdefault(k, v)
         ds.set_pseudo_labels(labels)
 
-    def make_pseudo_labels(self, batch) -> torch.Tensor:
-        """Self-training labels: the prediction refined by a dense CRF, unknown where not confident, then
-        constrained by the Voronoi label (edges → background, point disks → their class). long (B, H, W)."""
+    def point_pseudo_labels(self, batch) -> torch.Tensor:
+        """The ``"points"`` pseudo-label rule: the prediction refined by a dense CRF, unknown where not confident,
+        then constrained by the Voronoi label (edges → background, point disks → their class). long (B, H, W)."""
         from ..pseudo.dense_crf import dense_crf
 
         image = batch["image"].to(self.device)
@@ -227,11 +236,11 @@ class PointVoronoiMixin:
                                                             **self.point_refine_kwargs))
                                  for i in range(image.shape[0])]).to(probs.device)
         conf, lab = probs.max(1)
-        lab = torch.where(conf >= self.point_confidence, lab, torch.full_like(lab, IGNORE))
+        lab = torch.where(conf >= self.point_confidence, lab, torch.full_like(lab, IGNORE_INDEX))
         if "points" in batch:
             vor = voronoi_labels_torch(batch["points"], tuple(lab.shape[-2:]), self.point_radius, lab.device)
             has = batch["has_points"].to(lab.device)[:, None, None]
-            lab = torch.where(has & (vor != IGNORE), vor, lab)
+            lab = torch.where(has & (vor != IGNORE_INDEX), vor, lab)
         return lab.long()
 
 

@@ -15,7 +15,8 @@ __all__ = ["RobustLossMixin", "RobustSegModule"]
 
 class RobustLossMixin:
     """Adds ``noisy/gce`` or ``noisy/sce``: per image, the mean robust loss over its labelled noisy-mask pixels,
-    then :meth:`WeakSegModule.batch_mean` over the images that have a noisy mask.
+    then :meth:`WeakSegModule.batch_mean` over the images that have a noisy mask. The robust loss replaces the
+    base ``seg/ce`` term (``replaces_base_term``).
 
     Args:
         robust_loss: ``"gce"`` or ``"sce"``.
@@ -24,6 +25,7 @@ class RobustLossMixin:
     """
 
     default_loss_weights = {"noisy/gce": 1.0, "noisy/sce": 1.0}
+    replaces_base_term = True
 
     def __init__(self, *, robust_loss: str = "gce", noisy_key: str = "noisy_mask", gce_q: float = 0.7,
                  sce_alpha: float = 0.1, sce_beta: float = 1.0, sce_log_zero: float = -4.0, **kwargs):
@@ -35,7 +37,8 @@ class RobustLossMixin:
             raise ValueError(f"sce_log_zero: expected a negative value (it stands for log 0), got {sce_log_zero}")
         super().__init__(**kwargs)
 
-    def robust_pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def robust_sample_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B,): each image's mean robust loss over its labelled pixels (0 for an image without any)."""
         h = self.hparams
         if h.robust_loss == "gce":
             return generalized_cross_entropy(logits, target, q=h.gce_q, ignore_index=self.ignore_index,
@@ -47,12 +50,10 @@ class RobustLossMixin:
         terms = super().loss_terms(batch, out)
         key = self.hparams.noisy_key
         if key in batch and batch[f"has_{key}"].any():
-            target = batch[key]
-            per_pixel = self.robust_pixel_loss(out["logits"], target).flatten(1)
-            n = (target != self.ignore_index).flatten(1).sum(1).clamp_min(1)
-            terms[f"noisy/{self.hparams.robust_loss}"] = self.batch_mean(per_pixel.sum(1) / n, batch[f"has_{key}"])
+            per_image = self.robust_sample_loss(out["logits"], batch[key])
+            terms[f"noisy/{self.hparams.robust_loss}"] = self.batch_mean(per_image, batch[f"has_{key}"])
         return terms
 
 
 class RobustSegModule(RobustLossMixin, WeakSegModule):
-    """Ready-made robust-loss module for LightningCLI configs."""
+    """Ready-made robust-loss module for LightningCLI configs (``configs/noisy_robust.yaml``)."""

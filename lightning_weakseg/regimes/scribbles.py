@@ -2,18 +2,21 @@
 
 The WSL4MIS recipes (Luo et al., MICCAI 2022, and its technical report) as named, switchable terms:
 
-* ``scribble/pce`` — :func:`~lightning_weakseg.losses.partial_cross_entropy` on ``batch["scribble"]``.
+* ``scribble/pce`` — :func:`~lightning_weakseg.losses.partial_cross_entropy` (the masked cross-entropy) on
+  ``batch["scribble"]``.
 * ``scribble/crf`` — :func:`~lightning_weakseg.losses.gated_crf_loss` (Obukhov et al. 2019) on the softmax.
 * ``scribble/entropy`` — :func:`~lightning_weakseg.losses.entropy_loss` (Grandvalet & Bengio 2004).
 * ``scribble/tv`` — :func:`~lightning_weakseg.losses.total_variation_loss`.
 * ``scribble/pseudo`` — with ``scribble_self_training=True``: partial CE on ``batch["pseudo"]``, the labels of
-  :meth:`ScribbleMixin.make_pseudo_labels` written by :class:`~lightning_weakseg.callbacks.PseudoLabelRefresh`.
+  :meth:`ScribbleMixin.scribble_pseudo_labels` (the ``"scribble"`` pseudo-label rule) written by
+  :class:`~lightning_weakseg.callbacks.PseudoLabelRefresh`.
 
 >>> from lightning_weakseg.regimes.scribbles import ScribbleSegModule
 >>> model = ScribbleSegModule(in_channels=1, num_classes=4, scribble_terms=("pce", "entropy"))
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Sequence
 
 import torch
@@ -22,14 +25,15 @@ from ..data.batch import content_mask
 from ..losses.crf import gated_crf_loss
 from ..losses.partial import entropy_loss, partial_cross_entropy, total_variation_loss
 from ..module import WeakSegModule, on_subset
+from ..data.batch import IGNORE_INDEX
+from ._pseudo import PseudoLabelMixin, PseudoLabelRule
 
-IGNORE = 255
 SCRIBBLE_TERMS = ("pce", "crf", "entropy", "tv")
 
 __all__ = ["ScribbleMixin", "ScribbleSegModule", "SCRIBBLE_TERMS"]
 
 
-class ScribbleMixin:
+class ScribbleMixin(PseudoLabelMixin):
     """Adds the scribble terms (module docstring) for the samples that carry ``batch[scribble_key]``.
 
     Every term is a per-sample value reduced with :meth:`WeakSegModule.batch_mean`
@@ -49,11 +53,14 @@ class ScribbleMixin:
         scribble_reg_start_epoch: first epoch with the regularisers (crf, entropy, tv); pCE always runs.
         scribble_self_training: add ``scribble/pseudo`` (partial CE on ``batch["pseudo"]``) for the samples that
             carry both scribbles and pseudo labels; pair it with a ``PseudoLabelRefresh`` callback.
-        scribble_confidence: pixels of :meth:`make_pseudo_labels` whose top probability is below this are unknown.
+        scribble_confidence: pixels of :meth:`scribble_pseudo_labels` whose top probability is below this are
+            unknown.
     """
 
     default_loss_weights = {"scribble/pce": 1.0, "scribble/crf": 0.1, "scribble/entropy": 0.1,
                             "scribble/tv": 0.1, "scribble/pseudo": 0.5}
+    pseudo_label_rule = PseudoLabelRule("scribble", key=attrgetter("scribble_key"), make="scribble_pseudo_labels",
+                                        priority=30)
 
     def __init__(self, *, scribble_key: str = "scribble", scribble_terms: Sequence[str] = ("pce", "crf"),
                  scribble_crf_kernel_radius: int = 5, scribble_crf_sigma_xy: float = 6.0,
@@ -90,7 +97,7 @@ class ScribbleMixin:
         scribble = batch[key].to(logits.device)
         on = self.scribble_terms
         if "pce" in on:
-            pce = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
+            pce = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE_INDEX, reduction="none"),
                             has, logits, scribble)
             terms["scribble/pce"] = self.batch_mean(pce, has)
         if self.current_epoch >= self.scribble_reg_start_epoch:
@@ -104,7 +111,7 @@ class ScribbleMixin:
                 terms["scribble/crf"] = self.batch_mean(crf, has)
             if "entropy" in on:
                 if self.scribble_entropy_on == "unlabelled":
-                    ent = on_subset(lambda p, y, v: entropy_loss(p, (y == IGNORE) & v, reduction="none"), has, probs,
+                    ent = on_subset(lambda p, y, v: entropy_loss(p, (y == IGNORE_INDEX) & v, reduction="none"), has, probs,
                                     scribble, valid)
                 else:
                     ent = on_subset(lambda p, v: entropy_loss(p, v, reduction="none"), has, probs, valid)
@@ -116,32 +123,26 @@ class ScribbleMixin:
             both = has & batch["has_pseudo"].to(logits.device)
             if bool(both.any()):
                 pseudo = batch["pseudo"].to(logits.device)
-                pl = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE, reduction="none"),
+                pl = on_subset(lambda z, y: partial_cross_entropy(z.float(), y, IGNORE_INDEX, reduction="none"),
                                both, logits, pseudo)
                 terms["scribble/pseudo"] = self.batch_mean(pl, both)
         return terms
 
     # ------------------------------------------------------------------ self-training
-    def make_pseudo_labels(self, batch: dict) -> torch.Tensor:
-        """Self-training labels, long (B, H, W): the model's prediction where its top probability reaches
-        ``scribble_confidence`` (else 255), with every scribbled pixel set to its scribble class.
-
-        Samples without scribbles take the labels of the next mixin in the MRO that makes pseudo labels (e.g.
-        the point regime in :class:`~lightning_weakseg.regimes.mixed.MixedSegModule`), if any."""
+    def scribble_pseudo_labels(self, batch: dict) -> torch.Tensor:
+        """The ``"scribble"`` pseudo-label rule, long (B, H, W): the model's prediction where its top probability
+        reaches ``scribble_confidence`` (else 255), with every scribbled pixel set to its scribble class."""
         image = batch["image"].to(self.device)
         with torch.no_grad():
             probs = self(image)["probs"].float()
         conf, lab = probs.max(1)
-        lab = torch.where(conf >= self.scribble_confidence, lab, torch.full_like(lab, IGNORE))
+        lab = torch.where(conf >= self.scribble_confidence, lab, torch.full_like(lab, IGNORE_INDEX))
         key = self.scribble_key
-        has = torch.zeros(lab.shape[0], dtype=torch.bool, device=lab.device)
-        if key in batch:
-            has = batch[f"has_{key}"].to(lab.device)
+        if batch.get(key) is not None:
+            has = batch.get(f"has_{key}")
+            has = torch.ones_like(lab[:, 0, 0], dtype=torch.bool) if has is None else has.to(lab.device)
             scr = batch[key].to(lab.device)
-            lab = torch.where(has[:, None, None] & (scr != IGNORE), scr, lab)
-        nxt = getattr(super(), "make_pseudo_labels", None)
-        if nxt is not None and not bool(has.all()):
-            lab = torch.where(has[:, None, None], lab, nxt(batch).to(lab.device))
+            lab = torch.where(has[:, None, None] & (scr != IGNORE_INDEX), scr, lab)
         return lab.long()
 
 

@@ -14,9 +14,11 @@ Terms (over the samples that carry ``tags``; samples without tags contribute exa
   (:func:`~lightning_weakseg.losses.tag_size_constraint`, log-barrier penalty with t from ``self.barrier_t``,
   which :class:`~lightning_weakseg.callbacks.LogBarrierSchedule` grows each epoch; Kervadec et al. 2019).
 * ``tags/pseudo`` — cross-entropy with ignore against ``batch["pseudo"]``, the pseudo-masks written into the data
-  set by :class:`~lightning_weakseg.callbacks.PseudoLabelRefresh`, which calls :meth:`make_pseudo_labels`.
+  set by :class:`~lightning_weakseg.callbacks.PseudoLabelRefresh`, which calls ``make_pseudo_labels``; for the
+  samples whose pseudo labels are the tag rule's (:class:`~lightning_weakseg.regimes.PseudoLabelMixin`: in a
+  tags-only module every sample, in a mixed one the tagged samples without scribbles).
 
-Stage 2 (``make_pseudo_labels``): scores per tagged class — a CAM of the classification head
+Stage 2 (:meth:`ImageLevelMixin.tag_pseudo_labels`, the ``"tags"`` pseudo-label rule): scores per tagged class — a CAM of the classification head
 (``tag_pseudo_source="cam"``, any method of :mod:`lightning_weakseg.cam`) or the segmentation softmax
 (``"mil"``) — optionally refined (dense CRF or affinity random walk, :mod:`lightning_weakseg.pseudo.cam_refine`),
 then confident foreground / background with an ignore band (:func:`~lightning_weakseg.pseudo.cam_refine.
@@ -33,8 +35,12 @@ from .. import cam as cam_methods
 from ..data.batch import content_mask
 from ..losses.crf import gated_crf_loss
 from ..losses.mil import POOLINGS, MILLoss, mil_loss, tag_size_constraint
-from ..module import WeakSegModule, masked_cross_entropy, on_subset
-from ..pseudo.cam_refine import IGNORE, affinity_random_walk, cam_to_pseudo, crf_refine_cams
+from ..losses.partial import masked_cross_entropy
+from ..module import WeakSegModule, on_subset
+from ..pseudo.cam_refine import affinity_random_walk, cam_to_pseudo, crf_refine_cams
+from ..data.batch import IGNORE_INDEX
+from ._barrier import BarrierMixin
+from ._pseudo import PseudoLabelMixin, PseudoLabelRule
 
 __all__ = ["ImageLevelMixin", "TagSegModule", "CAM_METHODS"]
 
@@ -42,7 +48,7 @@ CAM_METHODS = ("CAM", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "HiR
 REFINERS = ("none", "crf", "random_walk")
 
 
-class ImageLevelMixin:
+class ImageLevelMixin(BarrierMixin, PseudoLabelMixin):
     """Image-level tag regime. See the module docstring for the terms.
 
     Args:
@@ -65,13 +71,12 @@ class ImageLevelMixin:
         tag_crf: add the ``tags/crf`` term (weight 0.1 by default, as ``scribble/crf``); ``tag_crf_kwargs`` its
             options (``kernel_radius`` 5, ``sigma_xy`` 6, ``sigma_rgb`` 0.1, ``downscale`` 1).
         tag_size_bounds: ``(a, b)`` fractions of the image that a tagged foreground class fills (``tags/size``),
-            or ``None`` (no size term). ``tag_t0``: the barrier t when no schedule sets ``barrier_t``.
+            or ``None`` (no size term). ``tag_t0``: the barrier t when no schedule sets ``barrier_t``
+            (:class:`~lightning_weakseg.regimes.BarrierMixin`: one t per module).
     """
 
     default_loss_weights = {"tags/mil": 1.0, "tags/cls": 1.0, "tags/pseudo": 1.0, "tags/crf": 0.1, "tags/size": 1.0}
-    # False: every sample with pseudo labels gets ``tags/pseudo`` (all samples carry tags in TagSegModule);
-    # True (MixedSegModule): only the samples that carry tags, the others' pseudo labels belong to other mixins
-    tag_pseudo_needs_tags = False
+    pseudo_label_rule = PseudoLabelRule("tags", key="tags", make="tag_pseudo_labels", priority=20)
 
     def __init__(self, *, tag_mil: str | None = "lse", tag_mil_kwargs: dict | None = None, tag_cls: bool = True,
                  tag_background: bool = False, tag_pseudo_source: str = "cam", tag_cam: str = "GradCAM",
@@ -110,13 +115,12 @@ class ImageLevelMixin:
         self.tag_fg_threshold, self.tag_bg_threshold = float(tag_fg_threshold), float(tag_bg_threshold)
         self.tag_crf = bool(tag_crf)
         self.tag_size_bounds = tag_size_bounds
-        if not hasattr(self, "barrier_t"):  # the box mixin (mixed modules) may own it already: one schedule for both
-            self.barrier_t = float(tag_t0)
+        self.start_barrier_t("tag_t0", tag_t0)
         self.tag_crf_kwargs = {"kernel_radius": 5, "sigma_xy": 6.0, "sigma_rgb": 0.1, "downscale": 1,
                                **dict(tag_crf_kwargs or {})}
         # a module attribute, so that attention pooling's parameters are trained and checkpointed
         self.tag_mil_loss = (MILLoss(tag_mil, self.hparams.num_classes, background=self.tag_background,
-                                     **dict(tag_mil_kwargs or {})) if tag_mil is not None else None)
+                                     reduction="none", **dict(tag_mil_kwargs or {})) if tag_mil is not None else None)
 
     # ------------------------------------------------------------------ terms
     def _tag_columns(self):
@@ -129,7 +133,7 @@ class ImageLevelMixin:
             if self.tag_mil_loss is not None:
                 terms["tags/mil"] = self.batch_mean(self.tag_mil_loss(out["logits"].float(), tags), has)
             if self.tag_cls:
-                cls = mil_loss(out["cls_logits"].float(), tags, classes=self._tag_columns())
+                cls = mil_loss(out["cls_logits"].float(), tags, classes=self._tag_columns(), reduction="none")
                 terms["tags/cls"] = self.batch_mean(cls, has)
             if self.tag_crf:
                 valid = content_mask(batch)
@@ -139,14 +143,15 @@ class ImageLevelMixin:
                                 has, out["probs"].float(), batch["image"].to(out["probs"].device), valid)
                 terms["tags/crf"] = self.batch_mean(crf, has)
             if self.tag_size_bounds is not None:
-                size = tag_size_constraint(out["probs"].float(), tags, self.barrier_t, *self.tag_size_bounds)
+                size = tag_size_constraint(out["probs"].float(), tags, self.barrier_t, *self.tag_size_bounds,
+                                           reduction="none")
                 terms["tags/size"] = self.batch_mean(size, has)
         if "pseudo" in batch and batch["has_pseudo"].any():
-            which = batch["has_pseudo"]
-            if self.tag_pseudo_needs_tags:  # mixed batches: other samples' pseudo labels belong to other terms
-                which = which & batch["has_tags"] if "tags" in batch else torch.zeros_like(which)
+            # only the samples whose pseudo labels the tag rule makes; the others' belong to other regimes' terms
+            which = batch["has_pseudo"] & self.pseudo_label_owners(batch)["tags"].to(batch["has_pseudo"].device)
             if which.any():
-                terms["tags/pseudo"] = self.batch_mean(masked_cross_entropy(out["logits"], batch["pseudo"]), which)
+                terms["tags/pseudo"] = self.batch_mean(
+                    masked_cross_entropy(out["logits"], batch["pseudo"], reduction="none"), which)
         return terms
 
     # ------------------------------------------------------------------ stage 2
@@ -177,23 +182,18 @@ class ImageLevelMixin:
             return affinity_random_walk(scores, image, tags=tags, **self.tag_refine_kwargs)
         return scores
 
-    def make_pseudo_labels(self, batch) -> torch.Tensor:
-        """Pseudo-masks long (B, H, W) (class ids, 255 = ignore) for :class:`PseudoLabelRefresh`: scores of the
-        tagged classes → refinement → confident thresholds. Samples without tags are 255 everywhere."""
+    def tag_pseudo_labels(self, batch) -> torch.Tensor:
+        """The ``"tags"`` pseudo-label rule, long (B, H, W) (class ids, 255 = ignore): scores of the tagged classes
+        → refinement → confident thresholds. Samples without tags are 255 everywhere."""
         image = batch["image"].to(self.device)
         b, h, w = image.shape[0], *image.shape[2:]
-        nxt = getattr(super(), "make_pseudo_labels", None)  # e.g. the point regime in MixedSegModule
         if "tags" not in batch:
-            return nxt(batch) if nxt is not None else torch.full((b, h, w), IGNORE, dtype=torch.long,
-                                                                   device=image.device)
+            return torch.full((b, h, w), IGNORE_INDEX, dtype=torch.long, device=image.device)
         tags = batch["tags"].to(image.device).float()
         has = batch["has_tags"].to(image.device)
         tags = tags * has[:, None]  # no tags: cam_to_pseudo leaves the sample at 255
         scores = self.refine_scores(self.tag_scores(image, tags), image, tags)
-        lab = cam_to_pseudo(scores, tags, self.tag_fg_threshold, self.tag_bg_threshold)
-        if nxt is not None and not bool(has.all()):  # samples without tags: the next mixin's labels
-            lab = torch.where(has[:, None, None], lab, nxt(batch).to(lab.device).long())
-        return lab
+        return cam_to_pseudo(scores, tags, self.tag_fg_threshold, self.tag_bg_threshold)
 
 
 class TagSegModule(ImageLevelMixin, WeakSegModule):
