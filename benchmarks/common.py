@@ -118,8 +118,8 @@ REGIMES: dict[str, Regime] = {
     "pce": Regime("scribbles", {"model": {"scribble_terms": ["pce"]}}),
     "pce_entropy": Regime("scribbles", {"model": {"scribble_terms": ["pce", "entropy"]}}),
     "pce_crf": Regime("scribbles", {"model": {"scribble_terms": ["pce", "crf"]}}),
-    "pce_tv": Regime("scribbles"),
-    "pce_crf_entropy": Regime("scribbles", {"model": {"scribble_terms": ["pce", "crf", "entropy"]}}),
+    "pce_tv": Regime("scribbles", {"model": {"scribble_terms": ["pce", "tv"]}}),
+    "pce_crf_entropy": Regime("scribbles"),
     # mixed supervision (configs/mixed.yaml: 10 % masks + 90 % boxes)
     "mask10_boxes90": Regime("mixed"),
     "mask10_tags90": Regime("mixed", {"data": MIXED_TAGS, "callbacks": NO_BARRIER}),

@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 
 from .data.batch import IGNORE_INDEX, complete_flags, content_mask, validate_batch
 from .errors import NonFiniteLossError
-from .inference import Predictor, flip_tta, native_inference, output_stride, to_native, whole_image
+from .inference import Predictor, class_map, flip_tta, native_inference, output_stride, to_native, whole_image
 from .losses.dice import soft_dice_loss
 from .losses.partial import masked_cross_entropy
 from .metrics import HD95, DiceIoU
@@ -279,7 +279,7 @@ class WeakSegModule(L.LightningModule):
             probs = out["probs"]
             if stage == "test" and self.hparams.get("predict_tta", False):
                 probs = whole_image(self.predictor(), batch["image"], output_stride(self.model))
-            pred = probs.argmax(1)
+            pred = class_map(probs, 1)
             valid = content_mask(batch)
             if valid is not None:  # padding of a letterboxed image: neither prediction nor label there
                 pred = torch.where(valid.to(pred.device), pred, torch.zeros_like(pred))
@@ -319,7 +319,7 @@ class WeakSegModule(L.LightningModule):
             if tuple(target.shape) != tuple(p.shape[-2:]):
                 raise ValueError(f"sample {batch.get('id', [None] * B)[i]}: native_mask is {tuple(target.shape)} "
                                  f"but the prediction maps back to {tuple(p.shape[-2:])} (orig_size / content)")
-            pred = p.argmax(0)[None]
+            pred = class_map(p, 0)[None]
             target = target[None]
             self.test_scores.update(pred, target)
             self.test_hd95.update(pred, torch.where(target == IGNORE_INDEX, 0, target))
@@ -388,6 +388,12 @@ class WeakSegModule(L.LightningModule):
         self.log_dict({k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in logs.items()},
                       sync_dist=False)
 
+    def on_validation_epoch_start(self):
+        self.val_volume_scores.reset()  # slices of an interrupted epoch must not meet this one's
+
+    def on_test_epoch_start(self):
+        self.test_volume_scores.reset()
+
     def on_validation_epoch_end(self):
         self._log_scores("val")
         self._log_volume_scores("val")
@@ -439,7 +445,7 @@ class WeakSegModule(L.LightningModule):
         ids = batch.get("id")
         ids = [str(ids[i]) for i in idx] if ids is not None else [str(i) for i in idx]
         index = batch["index"][idx] if "index" in batch else torch.tensor(idx)
-        out = {"probs": probs, "labels": [p.argmax(0) for p in probs], "id": ids, "index": index,
+        out = {"probs": probs, "labels": [class_map(p, 0) for p in probs], "id": ids, "index": index,
                "orig_size": torch.tensor([list(p.shape[-2:]) for p in probs], dtype=torch.long).reshape(-1, 2)}
         if batch.get("volume") is not None and batch.get("slice") is not None:  # slices of volumes (MaskWriter)
             out["volume"] = [str(batch["volume"][i]) for i in idx]
@@ -448,6 +454,7 @@ class WeakSegModule(L.LightningModule):
 
     # ------------------------------------------------------------------ a model to ship
     DATA_CONFIG_KEYS = ("image_size", "resize", "color_mode", "tiles", "source", "synthetic_kind")
+    VOLUME_CONFIG_KEYS = ("slice_axis", "volume_norm")  # also recorded for source="volumes"
 
     def data_config(self) -> dict:
         """The data's preprocessing (``image_size``, ``resize``, ``color_mode``, ``tiles``): from the attached
@@ -457,7 +464,8 @@ class WeakSegModule(L.LightningModule):
             dm = getattr(self._trainer, "datamodule", None)
         hp = getattr(dm, "hparams", None)
         if hp:
-            return {k: hp[k] for k in self.DATA_CONFIG_KEYS if k in hp}
+            keys = self.DATA_CONFIG_KEYS + (self.VOLUME_CONFIG_KEYS if hp.get("source") == "volumes" else ())
+            return {k: hp[k] for k in keys if k in hp}
         return dict(self._data_config)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -28,7 +28,6 @@ NaN; ``volume_dice`` is the mean of the per-class means.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -148,8 +147,8 @@ def score_volumes(volumes: Mapping[str, tuple[np.ndarray, np.ndarray, Sequence[f
         t = target if ignore_index is None else np.where(target == ignore_index, 0, target)
         hd[j] = volume_hd95(pred, t, num_classes, spacing, hd95_convention)
     d, h = _nanmean(dice), _nanmean(hd)
-    return {"dice": d, "hd95": h, "mean_dice": float(_nanmean(d[:, None])[0]), "mean_hd95": float(_nanmean(h[:, None])[0]),
-            "n_volumes": len(names),
+    return {"dice": d, "hd95": h, "mean_dice": float(_nanmean(d[:, None])[0]),
+            "mean_hd95": float(_nanmean(h[:, None])[0]), "n_volumes": len(names),
             "per_volume": {n: {"dice": dice[j].tolist(), "hd95": hd[j].tolist()} for j, n in enumerate(names)}}
 
 

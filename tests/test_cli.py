@@ -17,8 +17,19 @@ def test_configs_exist():
     assert {"full", "boxes", "points", "noisy"} <= names, names
 
 
+def missing_data_root(config: Path) -> str | None:
+    """The config's ``data.root`` when it names a folder that is not on this machine (real data sets live in
+    ../shared/data, which a fresh machine lacks), else None."""
+    import yaml
+
+    root = (yaml.safe_load(config.read_text()).get("data") or {}).get("root")
+    return root if root and not Path(root).exists() else None
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_fits_one_batch(config, tmp_path):
+    if missing_data_root(config):
+        pytest.skip(f"{config.name} reads {missing_data_root(config)}, which is not on this machine")
     cli = cli_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path), *TINY])
     assert cli.trainer.state.finished
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])

@@ -95,15 +95,16 @@ class WeakSegDataModule(L.LightningDataModule):
         on_bad_data: what the up-front data check (:mod:`~lightning_weakseg.data.check`) does with problems:
             ``"raise"`` (default: one error listing them all) or ``"skip"`` (leave the bad samples out, print
             and log the list). Data-set-wide problems (e.g. masks stored 0/255) always raise.
-        check: run the data check in ``setup`` (folder data; cached by a fingerprint of the files).
+        check: run the data check in ``setup`` (folder data, cached by a fingerprint of the files; volumes:
+            :func:`~.volumes.check_volumes`).
         check_cache_dir: where check reports are cached (default ``~/.cache/lightning_weakseg/data_check``).
         predict_dir: a folder of images to predict (no labels needed, any size): ``predict_dataloader`` serves it
             (:class:`~.predict.PredictDataset`: read with ``color_mode``, resized like training, with the geometry
             that maps predictions back to each file's size); ``setup("predict")`` then reads nothing else.
         test_dir: a separate labelled test folder (same layout arguments as ``root``); it replaces the
             ``test_fraction`` split. With neither, the test loop scores the validation split, with a warning.
-        native_eval: evaluation samples of folder data carry their mask at the file's resolution, and test
-            scores are computed there.
+        native_eval: evaluation samples of folder and volume data carry their mask at the file's resolution, and
+            test scores (and the per-volume scores) are computed there.
     """
 
     def __init__(self, source: str = "synthetic", synthetic_kind: str = "organ", n_samples: int = 200,
@@ -220,8 +221,9 @@ class WeakSegDataModule(L.LightningDataModule):
         return "boxes" in keys
 
     def check_data(self, use_cache: bool = True):
-        """Run the up-front data check (:func:`~lightning_weakseg.data.check.check_folder`) on the folder data and
-        return its :class:`~lightning_weakseg.data.check.DataReport` (``None`` for synthetic data)."""
+        """Run the up-front data check (:func:`~lightning_weakseg.data.check.check_folder`, for volumes
+        :func:`~lightning_weakseg.data.volumes.check_volumes`) and return its
+        :class:`~lightning_weakseg.data.check.DataReport` (``None`` for synthetic data)."""
         ds, _ = self._full()
         return self._check_report(ds, use_cache)
 

@@ -430,6 +430,13 @@ class VolumeReport(DataReport):
                 out.update(self.slices_of.get(p.index, [p.index]))
         return out
 
+    def format(self, limit: int = 50) -> str:
+        lines = super().format(limit).split("\n")
+        bad = {p.sample for p in self.problems if p.index is not None}
+        lines[0] = (f"data check: {self.n_samples} volumes, {len(self.problems)} problem(s) in {len(bad)} volume(s), "
+                    f"{len(self.notes)} note(s) ({self.seconds:.2f} s)")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict:
         return {**super().to_dict(), "unit": "volumes"}
 
