@@ -399,3 +399,51 @@ def test_validation_scores_leave_the_padding_out():
     plain = HD95(2)
     plain.update(torch.ones(1, 16, 16, dtype=torch.long), torch.where(mask == 255, 0, mask))
     assert not torch.allclose(hd, plain.compute())  # the padding would have moved HD95
+
+
+def test_a_separate_test_folder_is_checked_up_front_too(tmp_path):
+    root = write_folder(tmp_path / "train", boxes=False)
+    test = write_folder(tmp_path / "test", n=3, boxes=False)
+    cv2.imwrite(str(test / "masks" / "im1.png"), np.full((24, 24), 6, np.uint8))
+    with pytest.raises(WeakSegDataError, match=r"\[6\]") as e:
+        dm_for(root, test_dir=str(test)).setup("fit")
+    assert e.value.sample == "im1" and "test" in str(e.value)
+    dm = dm_for(root, test_dir=str(test), on_bad_data="skip")
+    with pytest.warns(UserWarning, match="1 problem"):
+        dm.setup("fit")
+    assert [dm.test_dataset.sample_id(i) for i in dm.test_dataset.indices] == ["im0", "im2"]
+    assert dm.data_report.ok and not dm.test_data_report.ok
+
+
+@pytest.mark.parametrize("method,kw", [("max", {}), ("mean", {}), ("lse", {"r": 5.0}), ("lse", {"r": 0.01}),
+                                       ("topk", {"k": 0.1}), ("topk", {"k": 3}), ("gem", {"p": 3.0})])
+def test_mil_pooling_over_the_image_only_equals_pooling_the_crop(method, kw):
+    """Per image, pooling with a content mask = pooling that image's content region cropped by hand."""
+    from lightning_weakseg.losses.mil import mil_pool
+    torch.manual_seed(0)
+    s = torch.rand(3, 2, 12, 10) if method == "gem" else torch.randn(3, 2, 12, 10)
+    boxes = [(0, 0, 12, 10), (2, 1, 8, 6), (0, 3, 12, 4)]   # top, left, h, w
+    valid = torch.zeros(3, 12, 10, dtype=torch.bool)
+    for i, (t, l, h, w) in enumerate(boxes):
+        valid[i, t:t + h, l:l + w] = True
+    got = mil_pool(s, method, valid=valid, **kw)
+    for i, (t, l, h, w) in enumerate(boxes):
+        ref = mil_pool(s[i:i + 1, :, t:t + h, l:l + w], method, **kw)
+        assert torch.allclose(got[i], ref[0], atol=1e-5), (method, i, got[i], ref[0])
+
+
+def test_tv_and_tag_size_over_the_image_only_equal_the_crop():
+    from lightning_weakseg.losses.mil import tag_size_constraint
+    from lightning_weakseg.losses.partial import total_variation_loss
+    torch.manual_seed(1)
+    p = torch.rand(2, 3, 10, 12).softmax(1)
+    valid = torch.zeros(2, 10, 12, dtype=torch.bool)
+    valid[0, 2:8, 3:12] = True
+    valid[1] = True
+    tv = total_variation_loss(p, reduction="none", valid=valid)
+    assert torch.allclose(tv[0], total_variation_loss(p[:1, :, 2:8, 3:12], reduction="none")[0], atol=1e-6)
+    assert torch.allclose(tv[1], total_variation_loss(p[1:], reduction="none")[0], atol=1e-6)
+    tags = torch.tensor([[1., 1., 1.], [1., 0., 1.]])
+    size = tag_size_constraint(p, tags, 2.0, 0.1, 0.3, penalty="quadratic", reduction="none", valid=valid)
+    ref0 = tag_size_constraint(p[:1, :, 2:8, 3:12], tags[:1], 2.0, 0.1, 0.3, penalty="quadratic", reduction="none")
+    assert torch.allclose(size[0], ref0[0], atol=1e-6)

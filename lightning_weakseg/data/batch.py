@@ -413,17 +413,19 @@ def complete_flags(batch: dict) -> dict:
 
 
 def content_mask(batch: Mapping[str, Any]) -> torch.Tensor | None:
-    """bool (B,H,W): True on the pixels of the base view that hold the image, False on padding; ``None`` when
-    the batch carries no ``content`` (no padding anywhere)."""
+    """bool (B,H,W): True on the pixels of the base view that hold the image, False on padding; ``None`` when no
+    pixel of the batch is padding (losses then take their plain, unmasked path)."""
     if batch.get("valid") is not None:
-        return batch["valid"].bool()
-    content = batch.get("content")
-    if content is None:
-        return None
-    x = batch["image"]
-    H, W = x.shape[-2:]
-    c = content.to(x.device)
-    ys = torch.arange(H, device=x.device)[None, :, None]
-    xs = torch.arange(W, device=x.device)[None, None, :]
-    top, left, h, w = (c[:, i, None, None] for i in range(4))
-    return (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)
+        m = batch["valid"].bool()
+    else:
+        content = batch.get("content")
+        if content is None:
+            return None
+        x = batch["image"]
+        H, W = x.shape[-2:]
+        c = content.to(x.device)
+        ys = torch.arange(H, device=x.device)[None, :, None]
+        xs = torch.arange(W, device=x.device)[None, None, :]
+        top, left, h, w = (c[:, i, None, None] for i in range(4))
+        m = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)
+    return None if bool(m.all()) else m

@@ -201,8 +201,13 @@ class WeakSegDataModule(L.LightningDataModule):
         self.val_dataset = eval_ds.subset(val_idx, labels=eval_labels, augment="none", native_eval=native)
         self.test_dataset = (eval_ds.subset(test_idx, labels=eval_labels, augment="none", native_eval=native)
                              if test_idx else None)
-        if h.get("test_dir"):  # a separate labelled test folder replaces the test split
-            self.test_dataset = self._test_folder(eval_labels)
+        if h.get("test_dir"):  # a separate labelled test folder replaces the test split; checked up front too
+            test_ds = self._test_folder(eval_labels)
+            train_report = getattr(self, "data_report", None)
+            bad = self._run_check(test_ds)
+            self.test_data_report, self.data_report = getattr(self, "data_report", None), train_report
+            self.test_dataset = test_ds.subset([i for i in range(test_ds.raw_length()) if i not in bad],
+                                               native_eval=native) if bad else test_ds
         self.full_dataset = ds
 
     def _volumes(self, root, image_dir: str | None = None, **kwargs):

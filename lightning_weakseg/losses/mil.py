@@ -33,17 +33,32 @@ def _check(s: Tensor, name: str = "maps") -> Tensor:
     return s.flatten(2)
 
 
-def mil_max(s: Tensor) -> Tensor:
-    """max_ij s_ij: (B, K, *s) → (B, K)."""
-    return _check(s).amax(2)
+def _valid(flat: Tensor, valid: Tensor | None):
+    """(B,1,N) bool mask of the positions that count and (B,1) their number; ``valid`` (B, *s) (e.g. the pixels of
+    a letterboxed image that are not padding) or None for all."""
+    if valid is None:
+        return None, None
+    m = valid.reshape(flat.shape[0], 1, -1).to(device=flat.device, dtype=torch.bool)
+    if m.shape[2] != flat.shape[2]:
+        raise ValueError(f"valid: expected {flat.shape[2]} positions per map, got {m.shape[2]}")
+    return m, m.sum(2).clamp_min(1)
 
 
-def mil_mean(s: Tensor) -> Tensor:
-    """(1/N) Σ_ij s_ij: (B, K, *s) → (B, K)."""
-    return _check(s).mean(2)
+def mil_max(s: Tensor, valid: Tensor | None = None) -> Tensor:
+    """max_ij s_ij: (B, K, *s) → (B, K); over the ``valid`` positions (B, *s) only when given."""
+    flat = _check(s)
+    m, _ = _valid(flat, valid)
+    return (flat if m is None else flat.masked_fill(~m, float("-inf"))).amax(2)
 
 
-def mil_lse(s: Tensor, r: float = 5.0) -> Tensor:
+def mil_mean(s: Tensor, valid: Tensor | None = None) -> Tensor:
+    """(1/N) Σ_ij s_ij: (B, K, *s) → (B, K); over the ``valid`` positions (B, *s) only when given."""
+    flat = _check(s)
+    m, n = _valid(flat, valid)
+    return flat.mean(2) if m is None else (flat * m).sum(2) / n
+
+
+def mil_lse(s: Tensor, r: float = 5.0, valid: Tensor | None = None) -> Tensor:
     """Log-sum-exp pooling (1/r)·log((1/N) Σ_ij exp(r·s_ij)); r → ∞ gives max, r → 0 gives mean.
 
     Example:
@@ -54,16 +69,23 @@ def mil_lse(s: Tensor, r: float = 5.0) -> Tensor:
     if r <= 0:
         raise ValueError(f"mil_lse: r must be > 0, got {r}")
     flat = _check(s)
-    big = (torch.logsumexp(r * flat, dim=2) - math.log(flat.shape[2])) / r
+    m, n = _valid(flat, valid)
+    if m is None:
+        big = (torch.logsumexp(r * flat, dim=2) - math.log(flat.shape[2])) / r
+        mean = flat.mean(2, keepdim=True)
+    else:  # the mean over the valid positions only (padding contributes exp(-inf) = 0)
+        big = (torch.logsumexp((r * flat).masked_fill(~m, float("-inf")), dim=2) - n.log()) / r
+        mean = ((flat * m).sum(2) / n)[..., None]
     # small r: centre on the mean and use expm1/log1p, which keeps the r → 0 limit accurate in float32
-    mean = flat.mean(2, keepdim=True)
     dev = (r * (flat - mean)).clamp(max=20.0)
-    small = mean[..., 0] + torch.log1p(torch.expm1(dev).mean(2)) / r
-    use_small = (r * (flat.amax(2) - mean[..., 0])) < 20.0
+    e = torch.expm1(dev)
+    small = mean[..., 0] + torch.log1p(e.mean(2) if m is None else (e * m).sum(2) / n) / r
+    top = flat.amax(2) if m is None else flat.masked_fill(~m, float("-inf")).amax(2)
+    use_small = (r * (top - mean[..., 0])) < 20.0
     return torch.where(use_small, small, big)
 
 
-def mil_topk(s: Tensor, k: int | float = 0.1) -> Tensor:
+def mil_topk(s: Tensor, k: int | float = 0.1, valid: Tensor | None = None) -> Tensor:
     """Mean of the k largest values; ``k`` an int count or a fraction in (0, 1] of the N positions.
 
     Example:
@@ -80,10 +102,18 @@ def mil_topk(s: Tensor, k: int | float = 0.1) -> Tensor:
         kk = int(k)
         if not 1 <= kk <= n:
             raise ValueError(f"mil_topk: k must lie in [1, {n}], got {k}")
-    return flat.topk(kk, dim=2).values.mean(2)
+    m, nv = _valid(flat, valid)
+    if m is None:
+        return flat.topk(kk, dim=2).values.mean(2)
+    # per image: the k largest of its valid positions (a fractional k of its valid count)
+    kv = (k * nv).round().clamp_min(1) if isinstance(k, float) and not isinstance(k, bool) else \
+        torch.full_like(nv, kk).minimum(nv)
+    ranked = flat.masked_fill(~m, float("-inf")).sort(dim=2, descending=True).values
+    take = torch.arange(n, device=flat.device)[None, None, :] < kv[..., None]
+    return torch.where(take, ranked, torch.zeros_like(ranked)).sum(2) / kv
 
 
-def mil_gem(q: Tensor, p: float = 3.0, eps: float = 1e-6) -> Tensor:
+def mil_gem(q: Tensor, p: float = 3.0, eps: float = 1e-6, valid: Tensor | None = None) -> Tensor:
     """Generalised mean ((1/N) Σ_ij q_ij^p)^{1/p} of non-negative q (e.g. probabilities); p = 1 is the mean,
     p → ∞ the max. Values are clamped at ``eps`` (the p-th root has an infinite slope at 0).
 
@@ -96,7 +126,9 @@ def mil_gem(q: Tensor, p: float = 3.0, eps: float = 1e-6) -> Tensor:
     flat = _check(q)
     if (flat < 0).any():
         raise ValueError("mil_gem expects non-negative maps (e.g. probabilities), got negative values")
-    return flat.clamp_min(eps).pow(p).mean(2).pow(1.0 / p)
+    m, n = _valid(flat, valid)
+    qp = flat.clamp_min(eps).pow(p)
+    return (qp.mean(2) if m is None else (qp * m).sum(2) / n).pow(1.0 / p)
 
 
 class AttentionMIL(nn.Module):
@@ -137,21 +169,24 @@ class AttentionMIL(nn.Module):
 
 
 def mil_pool(s: Tensor, method: str = "lse", *, r: float = 5.0, k: int | float = 0.1, p: float = 3.0,
-             attention: AttentionMIL | None = None) -> Tensor:
-    """Pool (B, K, *s) maps into (B, K) with ``method`` in max | mean | lse (r) | topk (k) | gem (p) | attention."""
+             attention: AttentionMIL | None = None, valid: Tensor | None = None) -> Tensor:
+    """Pool (B, K, *s) maps into (B, K) with ``method`` in max | mean | lse (r) | topk (k) | gem (p) | attention;
+    with ``valid`` (B, *s) bool, over those positions only (padding of a letterboxed image is not part of the bag)."""
     if method == "max":
-        return mil_max(s)
+        return mil_max(s, valid)
     if method == "mean":
-        return mil_mean(s)
+        return mil_mean(s, valid)
     if method == "lse":
-        return mil_lse(s, r)
+        return mil_lse(s, r, valid)
     if method == "topk":
-        return mil_topk(s, k)
+        return mil_topk(s, k, valid)
     if method == "gem":
-        return mil_gem(s, p)
+        return mil_gem(s, p, valid=valid)
     if method == "attention":
         if attention is None:
             raise ValueError("mil_pool(method='attention') needs an AttentionMIL module")
+        if valid is not None:
+            raise ValueError("mil_pool(method='attention') does not take valid masks")
         return attention(s)
     raise ValueError(f"unknown MIL pooling {method!r}; expected one of {POOLINGS}")
 
@@ -201,7 +236,7 @@ def mil_loss(image_scores: Tensor, tags: Tensor, *, probabilities: bool = False,
 
 
 def tag_size_constraint(probs: Tensor, tags: Tensor, t: float | Tensor, a: float, b: float,
-                        penalty: str = "log_barrier", reduction: str = "sum") -> Tensor:
+                        penalty: str = "log_barrier", reduction: str = "sum", valid: Tensor | None = None) -> Tensor:
     r"""Size bounds for the classes an image is tagged with (Kervadec et al., "Constrained-CNN losses for weakly
     supervised segmentation", MedIA 2019): :math:`a N \le \sum_i p_{ic} \le b N` for every tagged foreground
     class c, N the pixel count, as two penalised constraints divided by N:
@@ -233,12 +268,14 @@ def tag_size_constraint(probs: Tensor, tags: Tensor, t: float | Tensor, a: float
         raise ValueError(f"tag_size_constraint: expected 0 <= a <= b <= 1, got a={a}, b={b}")
     if penalty not in ("log_barrier", "quadratic"):
         raise ValueError(f"penalty: expected 'log_barrier' or 'quadratic', got {penalty!r}")
-    n = probs[0, 0].numel()
-    size = probs.flatten(2).sum(2)[:, 1:]                                   # (B, K-1) soft pixel counts
+    flat = probs.flatten(2)
+    m, nv = _valid(flat, valid)
+    n = probs[0, 0].numel() if m is None else nv                         # the image's pixels (padding not)
+    size = (flat if m is None else flat * m).sum(2)[:, 1:]               # (B, K-1) soft pixel counts
     z = torch.stack([a * n - size, size - b * n], -1)
     pen = log_barrier(z, t) if penalty == "log_barrier" else quadratic_penalty(z)
     tagged = (tags[:, 1:] > 0.5).to(pen.dtype)
-    return reduce((pen.sum(-1) * tagged).sum(1) / n, reduction)
+    return reduce((pen.sum(-1) * tagged).sum(1) / (n if m is None else n[:, 0]), reduction)
 
 
 class MILPool(nn.Module):
@@ -256,8 +293,8 @@ class MILPool(nn.Module):
                 raise ValueError("MILPool(method='attention') needs num_classes (the feature size)")
             self.attention = AttentionMIL(num_classes, hidden)
 
-    def forward(self, s: Tensor) -> Tensor:
-        return mil_pool(s, self.method, r=self.r, k=self.k, p=self.p, attention=self.attention)
+    def forward(self, s: Tensor, valid: Tensor | None = None) -> Tensor:
+        return mil_pool(s, self.method, r=self.r, k=self.k, p=self.p, attention=self.attention, valid=valid)
 
 
 class MILLoss(nn.Module):
@@ -275,11 +312,14 @@ class MILLoss(nn.Module):
         self.background = background
         self.reduction = check_reduction(reduction)
 
-    def image_scores(self, logits: Tensor) -> Tensor:
+    def image_scores(self, logits: Tensor, valid: Tensor | None = None) -> Tensor:
         if self.pool.method == "gem":
-            return self.pool(logits.softmax(1))
-        return self.pool(softmax_log_odds(logits))
+            return self.pool(logits.softmax(1), valid)
+        return self.pool(softmax_log_odds(logits), valid)
 
-    def forward(self, logits: Tensor, tags: Tensor) -> Tensor:
-        return mil_loss(self.image_scores(logits), tags, probabilities=self.pool.method == "gem",
+    def forward(self, logits: Tensor, tags: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``valid`` (B,H,W) bool: pool over those pixels only (e.g. not over letterbox padding)."""
+        if valid is not None and self.pool.method == "attention":
+            valid = None  # attention pools learned features; padding is a constant region it learns to ignore
+        return mil_loss(self.image_scores(logits, valid), tags, probabilities=self.pool.method == "gem",
                         classes=None if self.background else slice(1, None), reduction=self.reduction)

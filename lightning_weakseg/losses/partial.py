@@ -104,7 +104,7 @@ def entropy_loss(probs: Tensor, valid: Tensor | None = None, reduction: str = "s
     return reduce(per_sample, reduction)
 
 
-def total_variation_loss(probs: Tensor, reduction: str = "sum") -> Tensor:
+def total_variation_loss(probs: Tensor, reduction: str = "sum", valid: Tensor | None = None) -> Tensor:
     r"""Anisotropic total variation of the probability maps, per pixel (favours piecewise-constant maps).
 
     .. math::
@@ -118,6 +118,8 @@ def total_variation_loss(probs: Tensor, reduction: str = "sum") -> Tensor:
         probs: (B, K, H, W) class probabilities.
         reduction: ``"none"`` → :math:`\mathrm{TV}_b` (B,), ``"mean"`` / ``"sum"`` → their mean / sum over the
             batch (:mod:`lightning_weakseg.losses`).
+        valid: optional (B, H, W) bool gate: only pairs of two valid pixels count, and H·W becomes the number of
+            valid pixels (the TV of the valid region alone, e.g. without the padding of a letterboxed image).
 
     Example:
         >>> p = torch.zeros(1, 2, 2, 2); p[:, 0, :, 0] = 1; p[:, 1, :, 1] = 1   # left column class 0
@@ -127,9 +129,16 @@ def total_variation_loss(probs: Tensor, reduction: str = "sum") -> Tensor:
     check_reduction(reduction)
     _check_probs(probs)
     h, w = probs.shape[-2:]
-    dy = (probs[..., 1:, :] - probs[..., :-1, :]).abs().flatten(1).sum(1)
-    dx = (probs[..., :, 1:] - probs[..., :, :-1]).abs().flatten(1).sum(1)
-    return reduce((dy + dx) / (h * w), reduction)
+    ddy = (probs[..., 1:, :] - probs[..., :-1, :]).abs()
+    ddx = (probs[..., :, 1:] - probs[..., :, :-1]).abs()
+    if valid is None:
+        return reduce((ddy.flatten(1).sum(1) + ddx.flatten(1).sum(1)) / (h * w), reduction)
+    # with a (B,H,W) gate (e.g. not the padding of a letterboxed image): pairs of two valid pixels, per valid pixel
+    m = valid.to(probs.device, torch.bool)
+    my = (m[:, 1:, :] & m[:, :-1, :])[:, None]
+    mx = (m[:, :, 1:] & m[:, :, :-1])[:, None]
+    tv = (ddy * my).flatten(1).sum(1) + (ddx * mx).flatten(1).sum(1)
+    return reduce(tv / m.flatten(1).sum(1).clamp_min(1), reduction)
 
 
 class PartialCrossEntropyLoss(nn.Module):

@@ -117,7 +117,7 @@ class ScribbleMixin(PseudoLabelMixin):
                     ent = on_subset(lambda p, v: entropy_loss(p, v, reduction="none"), has, probs, valid)
                 terms["scribble/entropy"] = self.batch_mean(ent, has)
             if "tv" in on:
-                tv = on_subset(lambda p: total_variation_loss(p, reduction="none"), has, probs)
+                tv = on_subset(lambda p, v: total_variation_loss(p, reduction="none", valid=v), has, probs, valid)
                 terms["scribble/tv"] = self.batch_mean(tv, has)
         if self.scribble_self_training and "pseudo" in batch:
             both = has & batch["has_pseudo"].to(logits.device)

@@ -131,7 +131,8 @@ class ImageLevelMixin(BarrierMixin, PseudoLabelMixin):
         if "tags" in batch and batch["has_tags"].any():
             tags, has = batch["tags"], batch["has_tags"]
             if self.tag_mil_loss is not None:
-                terms["tags/mil"] = self.batch_mean(self.tag_mil_loss(out["logits"].float(), tags), has)
+                terms["tags/mil"] = self.batch_mean(self.tag_mil_loss(out["logits"].float(), tags,
+                                                                      valid=content_mask(batch)), has)
             if self.tag_cls:
                 cls = mil_loss(out["cls_logits"].float(), tags, classes=self._tag_columns(), reduction="none")
                 terms["tags/cls"] = self.batch_mean(cls, has)
@@ -144,7 +145,7 @@ class ImageLevelMixin(BarrierMixin, PseudoLabelMixin):
                 terms["tags/crf"] = self.batch_mean(crf, has)
             if self.tag_size_bounds is not None:
                 size = tag_size_constraint(out["probs"].float(), tags, self.barrier_t, *self.tag_size_bounds,
-                                           reduction="none")
+                                           reduction="none", valid=content_mask(batch))
                 terms["tags/size"] = self.batch_mean(size, has)
         if "pseudo" in batch and batch["has_pseudo"].any():
             # only the samples whose pseudo labels the tag rule makes; the others' belong to other regimes' terms
