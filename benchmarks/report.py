@@ -796,6 +796,30 @@ def data_check_section() -> str:
     return "\n".join(lines)
 
 
+PREDICT_OVERHEAD_TARGET = 0.15
+
+
+def predict_speed_section() -> str:
+    stems = sorted(s for s in all_stems() if s.startswith("predict_speed_"))
+    if not stems:
+        return ""
+    used.update(stems)
+    lines = ["### Prediction at native resolution", "",
+             "`benchmarks/predict_speed.py`: `trainer.predict` with `MaskWriter` on a folder of images at their own "
+             "size (reading, padding to the encoder's stride, the forward, one PNG written per image) against the "
+             "bare model forward on the same images already in memory, interleaved in one process (Unet-resnet18, "
+             f"one thread, best of the repeats). Target: overhead ≤ {PREDICT_OVERHEAD_TARGET:.0%}.", "",
+             "| data set | images | sizes | bare forward | predict + write | overhead | target met |",
+             "|---|---|---|---|---|---|---|"]
+    for stem in stems:
+        for r in load(stem)["rows"]:
+            ok = r["overhead"] <= PREDICT_OVERHEAD_TARGET
+            lines.append(f"| {r['dataset']} | {r['images']} | {r['sizes']} | {r['bare_forward_s']:.1f} s | "
+                         f"{r['predict_and_write_s']:.1f} s | {r['overhead']:+.1%} | {'yes' if ok else '**no**'} |")
+    lines += ["", "Commands: " + "; ".join(f"`{load(s)['command']}`" for s in stems) + ".", ""]
+    return "\n".join(lines)
+
+
 def speed_section() -> str:
     out = ["## Speed and overhead", ""]
     quiet = "speed_train_steps_quiet"
@@ -818,7 +842,7 @@ def speed_section() -> str:
         for s in rest:
             out += [f"**`benchmarks/results/{s}.json`** — {speed_meta(s)}", "", speed_table(s, skip=("(g)",)), ""]
         out += ["</details>", ""]
-    out += [CAM_SPEED, data_check_section()]
+    out += [CAM_SPEED, data_check_section(), predict_speed_section()]
     out += ["### Annotation cost", "",
             "`docs/annotation_cost.png` plots Dice / full against annotation seconds per image for ACDC (scribbles, "
             "10 % masks + 90 % boxes or tags, full) and Kvasir (boxes, full), from the result files above:", "",
