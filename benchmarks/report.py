@@ -816,7 +816,8 @@ def predict_speed_section() -> str:
             ok = r["overhead"] <= PREDICT_OVERHEAD_TARGET
             lines.append(f"| {r['dataset']} | {r['images']} | {r['sizes']} | {r['bare_forward_s']:.1f} s | "
                          f"{r['predict_and_write_s']:.1f} s | {r['overhead']:+.1%} | {'yes' if ok else '**no**'} |")
-    lines += ["", "Commands: " + "; ".join(f"`{load(s)['command']}`" for s in stems) + ".", ""]
+    lines += ["", "Result files and commands: " + "; ".join(f"`benchmarks/results/{s}.json` (`{load(s)['command']}`)"
+                                                    for s in stems) + ".", ""]
     return "\n".join(lines)
 
 
