@@ -103,7 +103,9 @@ def predict_shortcut(args: list[str]) -> list[str]:
 
 
 # the weak regime the demo trains next to full supervision (configs/full.yaml): its recipe in configs/
-DEMO_REGIMES = {"scribbles": "scribbles", "boxes": "boxes"}
+# the weak regime the demo trains beside full masks: (config of configs/, overrides). boxes.yaml's constraint weights
+# (0.3) were chosen on Kvasir; on the synthetic organ set the paper's weights (1, the module's default) do better
+DEMO_REGIMES = {"scribbles": ("scribbles", {}), "boxes": ("boxes", {"model": {"loss_weights": None}})}
 
 
 def demo(argv=None) -> list[dict]:
@@ -124,7 +126,7 @@ def demo(argv=None) -> list[dict]:
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
-    for name, recipe in (("full masks", load_recipe("full")), (a.regime, load_recipe(DEMO_REGIMES[a.regime]))):
+    for name, recipe in (("full masks", load_recipe("full")), (a.regime, load_recipe(*DEMO_REGIMES[a.regime]))):
         L.seed_everything(a.seed, verbose=False)
         dm = recipe.build_datamodule(n_samples=a.n_samples, image_size=a.image_size, seed=a.seed)
         model = recipe.build_model(in_channels=dm.in_channels, num_classes=dm.num_classes)
