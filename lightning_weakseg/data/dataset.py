@@ -21,6 +21,12 @@ __all__ = ["WeakSegDataset", "DERIVABLE"]
 DERIVABLE = ("tags", "boxes", "points", "scribble", "noisy_mask")
 
 
+def _chw(a: np.ndarray) -> torch.Tensor:
+    """H × W or H × W × C array → C × H × W float32 tensor."""
+    a = np.asarray(a, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a if a.ndim == 3 else a[..., None], 2, 0)))
+
+
 class WeakSegDataset(Dataset):
     """Base class. Subclasses implement ``__len__``, ``sample_id(i)`` and ``load_raw(i)`` returning a dict with
     ``image`` float32 (H,W,C) in [0,1] and any of ``mask``, ``instances``, ``scribble`` (H,W) int arrays,
@@ -164,6 +170,20 @@ class WeakSegDataset(Dataset):
             raise WeakSegDataError(f"expected an (H,W,C) image, got shape {img.shape}", name, "image")
         validate_sample({**{k: v for k, v in raw.items() if k != "image"}, "image": np.moveaxis(img, 2, 0)},
                         self.num_classes, self.in_channels, name, require_label=False)
+
+    def unlabelled_sample(self, raw: dict, name: str, raw_i: int, keep_native: bool = False) -> dict[str, Any]:
+        """A sample with no labels, for prediction: the base view (``image``, CHW float), ``id``, ``index``, the
+        geometry back to the raw image's size (``orig_size`` [H0, W0], ``content`` [top, left, h, w]) and, with
+        ``keep_native``, the raw image itself (``native_image``, C × H0 × W0)."""
+        h0, w0 = raw["image"].shape[:2]
+        view = self._resize({"image": raw["image"]}, name)
+        g = view["_fit"]
+        out = {"image": _chw(view["image"]), "id": name, "index": raw_i,
+               "orig_size": torch.tensor([h0, w0], dtype=torch.long),
+               "content": torch.tensor([g.top, g.left, g.h, g.w], dtype=torch.long)}
+        if keep_native:
+            out["native_image"] = _chw(raw["image"])
+        return out
 
     def _base(self, raw_i: int) -> dict:
         """The un-augmented sample in the base view with every requested label (weak labels cached)."""

@@ -82,22 +82,7 @@ class PredictDataset(WeakSegDataset):
         name = self.sample_id(raw_i)
         raw = self.load_raw(raw_i)
         self.check_raw(raw, str(self.files[raw_i]))
-        h0, w0 = raw["image"].shape[:2]
-        view = self._resize(raw, name)
-        g = view["_fit"]
-
-        def chw(a: np.ndarray) -> torch.Tensor:
-            a = np.asarray(a, np.float32)
-            if a.ndim == 2:
-                a = a[..., None]
-            return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, 2, 0)))
-
-        out = {"image": chw(view["image"]), "id": name, "index": raw_i,
-               "orig_size": torch.tensor([h0, w0], dtype=torch.long),
-               "content": torch.tensor([g.top, g.left, g.h, g.w], dtype=torch.long)}
-        if self.keep_native:
-            out["native_image"] = chw(raw["image"])
-        return out
+        return self.unlabelled_sample(raw, name, raw_i, self.keep_native)
 
 
 def predict_collate(samples: Sequence[dict]) -> dict[str, Any]:

@@ -359,20 +359,7 @@ class VolumeDataset(WeakSegDataset):
         raw = self.load_raw(raw_i)
         raw = {"image": raw["image"]}
         self.check_raw(raw, name)
-        h0, w0 = raw["image"].shape[:2]
-        view = self._resize(raw, name)
-        g = view["_fit"]
-
-        def chw(a: np.ndarray) -> torch.Tensor:
-            a = np.asarray(a, np.float32)
-            return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a if a.ndim == 3 else a[..., None], 2, 0)))
-
-        out = {"image": chw(view["image"]), "id": name, "index": raw_i,
-               "orig_size": torch.tensor([h0, w0], dtype=torch.long),
-               "content": torch.tensor([g.top, g.left, g.h, g.w], dtype=torch.long)}
-        if self.keep_native:
-            out["native_image"] = chw(raw["image"])
-        return out
+        return self.unlabelled_sample(raw, name, raw_i, self.keep_native)
 
     def _getitem(self, i: int) -> dict[str, Any]:
         raw_i = self.raw_index(int(i))
