@@ -1,4 +1,5 @@
-"""Command line: ``weakseg fit|validate|test|predict --config ...`` (LightningCLI) and ``weakseg demo``.
+"""Command line: ``weakseg fit|validate|test|predict --config ...`` (LightningCLI), ``weakseg demo``, ``weakseg check``
+and ``weakseg audit`` (label quality, :mod:`lightning_weakseg.audit`).
 
 ``--model`` takes a class path or a short class name of any module of :mod:`lightning_weakseg.regimes`
 (``--model BoxSegModule``). ``weakseg predict ... --output_dir out/`` is short for
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
@@ -56,6 +58,7 @@ def regime_modules() -> dict[str, str]:
 def _help_epilog() -> str:
     lines = ["other subcommands:", "  demo                full supervision vs. one weak regime on synthetic data "
              "(weakseg demo --help)", "  check               the data check of a config's data, without training",
+             "  audit               rank a config's dense labels by label quality (weakseg audit --help)",
              "", "regimes (--model <name>):"]
     lines += [f"  {name:<20}{doc}" for name, doc in regime_modules().items()]
     lines += ["", "write masks for a folder of new images:",
@@ -167,8 +170,89 @@ def check(argv=None) -> int:
     return 0 if report.ok else 1
 
 
+AUDIT_USAGE = """usage: weakseg audit --config CONFIG (--ckpt_path CKPT | --folds K) [--output_dir DIR]
+                     [--label_key KEY] [--method {dice,softmin,self_confidence}] [--network {module,model,peer}]
+                     [--num_worst N] [--split {train,val}] [--data.<option> VALUE ...]"""
+
+
+def audit_command(argv=None) -> int:
+    """``weakseg audit``: rank the dense labels of a config's data by label quality (:mod:`lightning_weakseg.audit`)
+    and write ``<output_dir>/audit.csv`` (rank, image, score, suspected error type, ...), ``issue_maps/<id>.png``
+    and a gallery of the worst images (``gallery/``, ``gallery.png``; also given to the config's logger).
+    Probabilities: a trained checkpoint (``--ckpt_path``; with ``--network peer`` a co-teaching pair's peer), or
+    ``--folds K`` models trained by the config's trainer settings, each scoring the fold it did not see."""
+    import copy
+
+    import lightning as L
+    import torch
+
+    from .audit import METHODS, audit, cross_val_audit
+
+    argv = list(argv or [])
+    p = argparse.ArgumentParser(prog="weakseg audit", usage=AUDIT_USAGE, description=audit_command.__doc__,
+                                add_help=False)
+    p.add_argument("--ckpt_path", default=None)
+    p.add_argument("--folds", type=int, default=None)
+    p.add_argument("--output_dir", default="audit")
+    p.add_argument("--label_key", default=None, help="the label map to audit (default: the model's mask_key)")
+    p.add_argument("--method", default="dice", choices=METHODS)
+    p.add_argument("--network", default="module", choices=("module", "model", "peer"))
+    p.add_argument("--num_worst", type=int, default=16)
+    p.add_argument("--split", default="train", choices=("train", "val"))
+    if any(a in ("-h", "--help") for a in argv):
+        print(AUDIT_USAGE + "\n\n" + audit_command.__doc__)
+        return 0
+    a, rest = p.parse_known_args(argv)
+    if (a.ckpt_path is None) == (a.folds is None):
+        print("weakseg audit: give exactly one of --ckpt_path and --folds\n" + AUDIT_USAGE, file=sys.stderr)
+        return 2
+    saved, sys.argv = sys.argv, sys.argv[:1] + rest
+    try:
+        cli = WeakSegCLI(WeakSegModule, WeakSegDataModule, subclass_mode_model=True, run=False,
+                         save_config_callback=None)
+    finally:
+        sys.argv = saved
+    model, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    key = a.label_key or model.hparams.get("mask_key", "mask")
+    source = dm.train_dataset if a.split == "train" else dm.val_dataset
+    data = source.subset(source.indices, augment="none")
+    if a.ckpt_path is not None:
+        state = torch.load(a.ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.get("state_dict", state))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        result = audit(model.to(device), data, label_key=key, method=a.method, network=a.network,
+                       batch_size=dm.hparams.eval_batch_size or dm.hparams.batch_size, num_worst=a.num_worst,
+                       issue_map_dir=Path(a.output_dir) / "issue_maps")
+    else:
+        callbacks = [c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_weakseg.callbacks")
+                     and type(c).__name__ != "SegmentationImageLogger"]
+
+        def make_trainer():
+            return L.Trainer(max_epochs=cli.trainer.max_epochs, accelerator="auto", devices=1, logger=False,
+                             enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             callbacks=copy.deepcopy(callbacks))
+
+        result = cross_val_audit(lambda: type(model)(**dict(model.hparams)), make_trainer,
+                                 source if a.split == "train" else data, folds=a.folds, label_key=key,
+                                 method=a.method, seed=int(dm.hparams.seed), batch_size=dm.hparams.batch_size,
+                                 eval_dataset=data, network=a.network, num_worst=a.num_worst,
+                                 issue_map_dir=Path(a.output_dir) / "issue_maps")
+    paths = result.write(a.output_dir)
+    result.log_gallery(cli.trainer.loggers)
+    print(f"weakseg audit: {len(result.rows)} labels ({key}) ranked by {a.method}, worst first: {paths['csv']}")
+    for r in result.rows[:min(10, len(result.rows))]:
+        print(f"  {r['rank']:>4}  {r['id']}  {r['score']:.4f}  {r['error_type']}")
+    return 0
+
+
 def main(argv=None):
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "audit":
+        code = audit_command(args[1:])
+        if code:
+            sys.exit(code)
+        return
     if args and args[0] == "demo":
         demo(args[1:])
         return

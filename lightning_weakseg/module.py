@@ -158,7 +158,11 @@ class WeakSegModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        y = self.model(x)
+        return self.network_outputs(self.model(x))
+
+    @staticmethod
+    def network_outputs(y) -> dict[str, torch.Tensor]:
+        """An SMP network's output (logits, or logits and class logits) as the module's ``out`` dict."""
         out = {}
         if isinstance(y, (tuple, list)):
             out["logits"], out["cls_logits"] = y[0], y[1]
@@ -266,8 +270,14 @@ class WeakSegModule(L.LightningModule):
         # in complete_flags, for training, validation, test and prediction alike)
         complete_flags(batch)
         validate_batch(batch, self.num_classes)
-        out = self(batch["image"])
+        out = self(self.training_view(batch))
         return self.combine_terms(self.loss_terms(batch, out), out, batch, "train")
+
+    def training_view(self, batch: dict) -> torch.Tensor:
+        """The input the network is trained on: ``batch["image"]``; a regime that perturbs it in the step (the
+        student's strong view of :class:`~lightning_weakseg.regimes.MeanTeacherMixin`) overrides this, keeping
+        the geometry so that the labels still apply."""
+        return batch["image"]
 
     def _eval_step(self, batch: dict, stage: str):
         complete_flags(batch)

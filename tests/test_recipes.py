@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import common  # noqa: E402
+import semi as semi_benchmark  # noqa: E402
 import volumes as volume_benchmark  # noqa: E402
 from lightning_weakseg.data import WeakSegDataModule  # noqa: E402
 from lightning_weakseg.recipes import CONFIG_DIR, config_path, load_data_config, load_recipe  # noqa: E402
@@ -93,9 +94,9 @@ def test_benchmark_regimes_train_what_the_snapshot_says():
 
 
 def test_regimes_of_the_result_files_and_documented_commands_resolve():
-    # the quality benchmarks' regimes (benchmarks/common.py) and the per-volume benchmark's (benchmarks/volumes.py)
-    known = set(common.REGIMES) | set(volume_benchmark.REGIMES)
-    for name, (config, _) in volume_benchmark.REGIMES.items():
+    # the quality benchmarks' regimes (benchmarks/common.py), the per-volume and the semi-supervised benchmarks'
+    known = set(common.REGIMES) | set(volume_benchmark.REGIMES) | set(semi_benchmark.REGIMES)
+    for name, (config, _) in [*volume_benchmark.REGIMES.items(), *semi_benchmark.REGIMES.items()]:
         assert (CONFIG_DIR / f"{config}.yaml").exists(), (name, config)
     named = {row["regime"] for path in (ROOT / "benchmarks" / "results").glob("*.json")
              for row in json.loads(path.read_text()).get("rows", []) if isinstance(row, dict) and "regime" in row}

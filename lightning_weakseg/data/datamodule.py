@@ -35,7 +35,8 @@ def group_split(groups: Sequence[str], val_fraction: float, test_fraction: float
 def assign_labels(n: int, fractions: dict[str, float], seed: int) -> list[tuple[str, ...]]:
     """Give each of ``n`` samples one label type, by ``fractions`` (e.g. ``{"mask": .1, "boxes": .9}``).
 
-    Keys may join types with ``+`` (``"mask+tags"``). Counts are exact (largest remainder), order seeded."""
+    Keys may join types with ``+`` (``"mask+tags"``); ``"none"`` gives a sample no label at all (the empty tuple:
+    an unlabelled image, for semi-supervised regimes). Counts are exact (largest remainder), order seeded."""
     if not fractions:
         raise ValueError("label_fractions is empty")
     total = sum(fractions.values())
@@ -43,14 +44,17 @@ def assign_labels(n: int, fractions: dict[str, float], seed: int) -> list[tuple[
         raise ValueError(f"label_fractions must sum to 1, got {total}")
     names = list(fractions)
     for name in names:
-        bad = set(name.split("+")) - set(LABEL_KEYS)
+        parts = name.split("+")
+        if "none" in parts and len(parts) > 1:
+            raise ValueError(f"label_fractions: 'none' (no label) cannot be joined with other types, got {name!r}")
+        bad = set(parts) - set(LABEL_KEYS) - {"none"}
         if bad:
             raise ValueError(f"unknown label type(s) {sorted(bad)} in label_fractions")
     raw = np.array([fractions[k] * n for k in names])
     counts = np.floor(raw).astype(int)
     for j in np.argsort(-(raw - counts))[: n - counts.sum()]:
         counts[j] += 1
-    plan = [tuple(name.split("+")) for name, c in zip(names, counts) for _ in range(c)]
+    plan = [() if name == "none" else tuple(name.split("+")) for name, c in zip(names, counts) for _ in range(c)]
     order = np.random.default_rng(seed).permutation(n)
     return [plan[j] for j in order]
 
@@ -83,7 +87,10 @@ class WeakSegDataModule(L.LightningDataModule):
             see whole images, as in the usual benchmarks of the data set.
         train_labels: label keys the training split carries (weak labels derived from masks if absent).
         label_fractions: mixed supervision, e.g. ``{"mask": 0.1, "boxes": 0.3, "tags": 0.6}`` (overrides
-            ``train_labels``).
+            ``train_labels``); ``"none"`` leaves that share of the training samples without any label
+            (``{"mask": 0.1, "none": 0.9}``: semi-supervised regimes, :mod:`lightning_weakseg.regimes.mean_teacher`).
+        label_by_group: assign ``label_fractions`` per split group (patient or volume, ``group_regex``) instead of
+            per sample: every slice of a group carries the same label type ("10 % of the patients labelled").
         weakify: options of the weak-label simulator (``box_jitter``, ``point_mode``, ``point_fraction``,
             ``scribble_keep``, ``noise_rate``, ``noise_fraction``).
         augment: training augmentation: ``"default"``, ``"light"``, ``"none"``.
@@ -120,7 +127,7 @@ class WeakSegDataModule(L.LightningDataModule):
                  resize: str = "longest", on_bad_data: str = "raise", check: bool = True,
                  check_cache_dir: str | None = None, predict_dir: str | None = None,
                  test_dir: str | None = None, native_eval: bool = True, slice_axis: int = 2,
-                 volume_norm: str = "percentile", empty_slice_rate: float = 1.0):
+                 volume_norm: str = "percentile", empty_slice_rate: float = 1.0, label_by_group: bool = False):
         super().__init__()
         if int(tiles) != tiles or tiles < 1:
             raise ValueError(f"tiles must be a positive integer, got {tiles!r}")
@@ -189,7 +196,13 @@ class WeakSegDataModule(L.LightningDataModule):
                                    or h.instance_dir else ())
         plan = None
         if h.label_fractions:
-            per = assign_labels(len(train_idx), dict(h.label_fractions), h.seed)
+            if h.get("label_by_group", False):
+                train_groups = [groups[i] for i in train_idx]
+                uniq = sorted(set(train_groups))
+                by_group = dict(zip(uniq, assign_labels(len(uniq), dict(h.label_fractions), h.seed)))
+                per = [by_group[g] for g in train_groups]
+            else:
+                per = assign_labels(len(train_idx), dict(h.label_fractions), h.seed)
             plan = {i: p for i, p in zip(train_idx, per)}
         self.train_dataset = ds.subset(train_idx, labels=tuple(h.train_labels), label_plan=plan, augment=h.augment)
         eval_ds, val_idx, test_idx = ds, split["val"], split["test"]

@@ -282,5 +282,6 @@ class WeakSegDataset(Dataset):
         if points is not None:
             out["points"] = torch.from_numpy(np.asarray(points, np.float32).reshape(-1, 3))
             out["dropped_points"] = dropped_p
-        validate_sample(out, self.num_classes, self.in_channels, s["id"])
+        # a sample planned without any label (label_fractions "none") is an unlabelled training image
+        validate_sample(out, self.num_classes, self.in_channels, s["id"], require_label=bool(self.keys_for(raw_i)))
         return out

@@ -363,7 +363,10 @@ class VolumeDataset(WeakSegDataset):
 
     def _getitem(self, i: int) -> dict[str, Any]:
         raw_i = self.raw_index(int(i))
-        out = self._unlabelled(raw_i) if not self.keys_for(raw_i) else super()._getitem(i)
+        # a view without labels (prediction) skips the label pipeline; a slice planned without labels
+        # (label_fractions "none") is a training image and goes through it (augmentation) like the others
+        unlabelled_view = not self.keys_for(raw_i) and self.label_plan is None
+        out = self._unlabelled(raw_i) if unlabelled_view else super()._getitem(i)
         v, k = self.slices[raw_i]
         out["volume"], out["slice"] = self.names[v], k
         out["spacing"] = torch.from_numpy(self.spacing(v).copy())

@@ -6,23 +6,22 @@ fraction R(T) with the smallest loss, and its PEER is trained on that selection.
 ranks (:func:`lightning_weakseg.losses.small_loss_selection`): two processes select what one process selects on
 the concatenated batch.
 
-Optimisation: the peer is a registered submodule (``self.peer_model``), so the base module's single AdamW covers
+Optimisation: the peer (:class:`~lightning_weakseg.regimes._peer.PeerNetworkMixin`, shared with cross pseudo
+supervision) is a registered submodule (``self.peer_model``), so the base module's single AdamW covers
 both networks under automatic optimisation. The two terms touch disjoint parameters and AdamW is
 per-parameter, so this equals two optimisers with the same settings (one exception: gradient clipping by
 global norm would see both networks together).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-import segmentation_models_pytorch as smp
 import torch
 
 from ..losses.coteaching import (EXPERIMENTAL_SELECTION, coteaching_keep_ratio, coteaching_losses,
                                  experimental_options, peer_relabel_losses)
 from ..module import WeakSegModule
-from ..nn import replace_batchnorm
+from ._peer import PeerNetworkMixin
 
 __all__ = ["CoTeachingMixin", "CoTeachingSegModule", "EXPERIMENTAL_COTEACHING"]
 
@@ -45,7 +44,7 @@ EXPERIMENTAL_COTEACHING = {
 }
 
 
-class CoTeachingMixin:
+class CoTeachingMixin(PeerNetworkMixin):
     """Co-teaching on ``batch[noisy_key]`` with a peer network; adds ``noisy/coteach_a`` and ``noisy/coteach_b``,
     which replace the base ``seg/ce`` term (``replaces_base_term``).
 
@@ -81,6 +80,8 @@ class CoTeachingMixin:
     default_loss_weights = {"noisy/coteach_a": 1.0, "noisy/coteach_b": 1.0, "noisy/relabel_a": 1.0,
                             "noisy/relabel_b": 1.0}
     replaces_base_term = True  # the two co-teaching terms replace plain CE on the base label map
+    peer_average_in_training = True  # trains on logits_a / logits_b; out["logits"] is the average, as in eval
+    peer_regime_name = "co-teaching"
 
     def __init__(self, *, noisy_key: str = "noisy_mask", forget_rate: float | list[float] = 0.3,
                  num_gradual: int = 10, exponent: float = 1.0, selection: str = "sample", inference: str = "average",
@@ -99,19 +100,13 @@ class CoTeachingMixin:
         if per_class and (selection != "pixel" or not options["class_balanced"]):
             raise ValueError(f"forget_rate: one rate per class ({list(forget_rate)}) needs class-balanced pixel "
                              "selection (selection='pixel')")
-        super().__init__(**kwargs)
+        super().__init__(inference=inference, peer_arch=peer_arch, peer_encoder=peer_encoder,
+                         peer_model_kwargs=peer_model_kwargs, **kwargs)
         h = self.hparams
         if per_class and len(forget_rate) != h.num_classes:
             raise ValueError(f"forget_rate: expected one rate per class (num_classes={h.num_classes}), got "
                              f"{len(forget_rate)}: {list(forget_rate)}")
         self._experimental = options
-        model_kwargs = dict(h.model_kwargs or {}) if peer_model_kwargs is None else dict(peer_model_kwargs)
-        if h.cls_head:
-            model_kwargs.setdefault("aux_params", {"classes": h.num_classes, "dropout": 0.0})
-        self.peer_model = smp.create_model(peer_arch or h.arch, encoder_name=peer_encoder or h.encoder,
-                                           encoder_weights=h.encoder_weights, in_channels=h.in_channels,
-                                           classes=h.num_classes, **model_kwargs)
-        replace_batchnorm(self.peer_model, h.norm)
         # set by ForgetRateSchedule (a float, or a tuple per class); None = the mixin's own schedule
         self.keep_ratio: float | tuple[float, ...] | None = None
 
@@ -122,39 +117,6 @@ class CoTeachingMixin:
             return tuple(float(v) for v in r) if isinstance(r, (list, tuple)) else float(r)
         h = self.hparams
         return coteaching_keep_ratio(self.current_epoch, h.forget_rate, h.num_gradual, h.exponent)
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = super().forward(x)
-        inference = self.hparams.inference
-        if not self.training and inference == "a":
-            return out
-        y = self.peer_model(x)
-        logits_b = y[0] if isinstance(y, (tuple, list)) else y
-        out["logits_a"], out["logits_b"] = out["logits"], logits_b
-        if inference == "b":
-            out["logits"], out["probs"] = logits_b, logits_b.softmax(1)
-            if isinstance(y, (tuple, list)):
-                out["cls_logits"] = y[1]
-        elif inference == "average":
-            probs = 0.5 * (out["probs"] + logits_b.softmax(1))
-            # log of the averaged probabilities: its softmax is the average, so argmax/CE stay consistent
-            out["logits"], out["probs"] = probs.clamp_min(1e-12).log(), probs
-        return out
-
-    def inference_network(self) -> torch.nn.Module:
-        """The network ``save_pretrained`` writes: the main network for ``inference="a"``, the peer for ``"b"``.
-        With ``"average"`` the module predicts with the mean of both softmaxes, which one plain SMP model cannot
-        hold: the main network is written (a warning says so, and ``weakseg.json`` names it)."""
-        if self.hparams.inference == "b":
-            return self.peer_model
-        if self.hparams.inference == "average":
-            warnings.warn("co-teaching with inference='average' predicts with the mean of two networks; "
-                          "save_pretrained writes the main network (inference='a') alone", stacklevel=3)
-        return self.model
-
-    def inference_network_name(self) -> str:
-        return "peer_model" if self.hparams.inference == "b" else "model"
 
     # ------------------------------------------------------------------ loss terms
     def loss_terms(self, batch: dict, out: dict) -> dict[str, torch.Tensor]:

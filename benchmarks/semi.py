@@ -1,0 +1,128 @@
+"""Semi-supervised regimes on ACDC volumes: a few labelled patients, the rest unlabelled; per-volume 3D Dice.
+
+    python benchmarks/semi.py --data ../shared/data --regimes mask10,mt_mask10,cps_mask10 --epochs 20 --image-size 128
+
+The same runner, split (by patient), model, image size, epochs and seed as ``benchmarks/volumes.py`` (whose
+functions this uses; its ``full`` row is full supervision on every training patient). The labelled share is drawn
+per patient (``label_by_group``: every slice of a patient carries the same label type); the other patients' slices
+carry no label (``"none"``) and stay in the batches, so every row takes the same optimizer steps on the same images:
+
+* ``mask10`` / ``mask5`` — 10 % / 5 % of the patients with masks, CE; the unlabelled slices contribute nothing
+  (the semi-supervised rows without their term);
+* ``mt_mask10`` / ``mt_mask5`` — the same + mean teacher (``configs/semi_mean_teacher.yaml``);
+* ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``);
+* ``scribble10`` — 10 % of the patients with their real scribbles (partial CE + TV), the rest unlabelled;
+  ``mt_scribble10`` — the same + mean teacher (a module of ScribbleMixin and MeanTeacherMixin).
+
+Published reference (SSL4MIS, ACDC, 2D UNet, mean Dice; full ≈ 0.91): 10 % labelled — UA-MT 0.819, MC-Net+
+0.868; 5 % — UA-MT 0.512, MC-Net+ 0.635, DGCL 0.806. Writes ``benchmarks/results/<tag>.json`` (default
+``semi``) and prints the table of ``benchmarks/volumes.py`` (volume Dice / full when a ``full`` row is present;
+``--full-from`` takes that row from another result file of the same budget).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import volumes  # noqa: E402
+
+RESULTS = volumes.RESULTS
+_BY_PATIENT = {"label_by_group": True}
+
+
+def _fractions(label: str, share: float, **data) -> dict:
+    return {"data": {**_BY_PATIENT, "label_fractions": {label: share, "none": round(1.0 - share, 6)}, **data}}
+
+
+_SCRIBBLE_TERMS = {"scribble_terms": ["pce", "tv"], "loss_weights": {"scribble/pce": 1.0, "scribble/tv": 0.1}}
+REGIMES: dict[str, tuple[str, dict]] = {
+    "mask10": ("volumes_full", _fractions("mask", 0.1)),
+    "mask5": ("volumes_full", _fractions("mask", 0.05)),
+    "mt_mask10": ("semi_mean_teacher", _fractions("mask", 0.1)),
+    "mt_mask5": ("semi_mean_teacher", _fractions("mask", 0.05)),
+    "cps_mask10": ("semi_cps", _fractions("mask", 0.1)),
+    "cps_mask5": ("semi_cps", {**_fractions("mask", 0.05), "model": {"loss_weights": {"semi/cps": 0.075}}}),
+    "scribble10": ("volumes_scribbles", {**_fractions("scribble", 0.1), "model": dict(_SCRIBBLE_TERMS)}),
+    "mt_scribble10": ("semi_mean_teacher", {
+        **_fractions("scribble", 0.1, scribble_dir="scribbles"),
+        "class_path": "lightning_weakseg.regimes.mean_teacher:ScribbleMeanTeacherSegModule",
+        "model": {**_SCRIBBLE_TERMS, "loss_weights": {**_SCRIBBLE_TERMS["loss_weights"], "semi/consistency": 1.0}}}),
+}
+
+
+def _register() -> None:
+    """The rows run through ``benchmarks/volumes.run_regime``, which looks regimes up in its own table."""
+    for name, regime in REGIMES.items():
+        volumes.REGIMES.setdefault(name, regime)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder holding acdc_volumes/")
+    p.add_argument("--regimes", default="mask10,mt_mask10,cps_mask10", help=f"comma-separated, from {sorted(REGIMES)}")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--arch", default="Unet")
+    p.add_argument("--encoder", default="resnet18")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the patients validated on")
+    p.add_argument("--val-every", type=int, default=1)
+    p.add_argument("--tag", default="semi", help="result file name (benchmarks/results/<tag>.json)")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--full-from", default=None, help="a result file of benchmarks/volumes.py at the same budget whose "
+                   "'full' row is shown as the reference")
+    a = p.parse_args(argv)
+    _register()
+    root = Path(a.data) / "acdc_volumes"
+    if not root.is_dir():
+        p.error(f"{root} does not exist (see ../shared/data/README.md)")
+    names = [n.strip() for n in a.regimes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in volumes.REGIMES]
+    if unknown:
+        p.error(f"unknown regimes {unknown}; known: {sorted(volumes.REGIMES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(a.threads)
+    settings = {"dataset": "acdc_volumes", "empty_slice_rate": 1.0,
+                **{k: v for k, v in vars(a).items() if k not in ("data", "tag", "out", "regimes", "full_from")}}
+    payload = {"command": "python benchmarks/semi.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "settings": settings, "machine": f"{platform.node()} {platform.processor()} "
+               f"threads={torch.get_num_threads()} cuda={torch.cuda.is_available()}",
+               "started": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    if a.full_from:
+        ref = json.loads(Path(a.full_from).read_text())
+        mismatch = {k: (ref["settings"].get(k), v) for k, v in settings.items()
+                    if k in ("epochs", "image_size", "batch_size", "lr", "arch", "encoder", "seed", "val_fraction")
+                    and ref["settings"].get(k) != v}
+        if mismatch:
+            p.error(f"--full-from {a.full_from}: another budget {mismatch}")
+        payload["reference_full"] = {"from": a.full_from, **next(r for r in ref["rows"] if r["regime"] == "full")}
+    path = Path(a.out) / f"{a.tag}.json"
+    for name in names:
+        row = volumes.run_regime(str(root), name, epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size,
+                                 seed=a.seed, arch=a.arch, encoder=a.encoder, lr=a.lr, val_fraction=a.val_fraction,
+                                 empty_slice_rate=1.0, val_every=a.val_every)
+        row["command"] = payload["command"]
+        payload["rows"].append(row)
+        volumes.write_json(path, payload)  # after every regime: a killed run keeps what it did
+        print(f"[semi] {name}: volume_dice={row['volume_dice']:.4f} volume_hd95={row['volume_hd95']:.2f} "
+              f"({row['seconds']:.0f} s)", flush=True)
+    shown = dict(payload)
+    if "reference_full" in payload and not any(r["regime"] == "full" for r in payload["rows"]):
+        shown["rows"] = [payload["reference_full"]] + payload["rows"]
+    print(volumes.table(shown))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
