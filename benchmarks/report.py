@@ -797,7 +797,7 @@ def semi_section() -> str:
 AUDIT_TEXT = {"weakseg_dice": "`label_quality_scores(method=\"dice\")` (the default)",
               "weakseg_softmin": "`method=\"softmin\"`", "weakseg_self_confidence": "`method=\"self_confidence\"`",
               "cleanlab_softmin": "cleanlab `get_label_quality_scores` (softmin)",
-              "cleanlab_num_pixel_issues": "cleanlab `find_label_issues` → issue pixels per image",
+              "cleanlab_num_pixel_issues": "cleanlab `find_label_issues` → flagged pixels per image",
               "weakseg_stream": "`LabelQualityScorer`, every score and the error types",
               "weakseg_stream_dice_only": "`LabelQualityScorer`, the Dice score alone"}
 
@@ -819,7 +819,9 @@ def audit_section() -> str:
         out += [f"### {DATASET_NAME.get(st['dataset'], st['dataset'])}: `{s}`", "",
                 f"{st['arch']}-{st['encoder']} from random initialisation, {st['image_size']} px, {st['folds']} folds "
                 f"× {st['epochs']} epochs, {p['n_images']} training images of which {p['n_corrupted']} corrupted, "
-                f"seed {st['seed']}.", "",
+                f"seed {st['seed']}." + (" **A bound, not a method:** the fold models trained on the *clean* masks "
+                                         "(`--oracle-clean`); the scores rate the noisy ones." if st.get("oracle_clean")
+                                         else ""), "",
                 "| score | AUROC | precision at k | s / 1,000 images | peak MB above baseline |", "|---|---|---|---|---|"]
         for name, v in p["scores"].items():
             auc = f3(v["auroc"]) if "auroc" in v else "—"
