@@ -66,20 +66,7 @@ def _register() -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder holding acdc_volumes/")
-    p.add_argument("--regimes", default="mask10,mt_mask10,cps_mask10", help=f"comma-separated, from {sorted(REGIMES)}")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--arch", default="Unet")
-    p.add_argument("--encoder", default="resnet18")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the patients validated on")
-    p.add_argument("--val-every", type=int, default=1)
-    p.add_argument("--tag", default="semi", help="result file name (benchmarks/results/<tag>.json)")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--threads", type=int, default=1)
+    volumes.budget_arguments(p, regimes="mask10,mt_mask10,cps_mask10", known=REGIMES, tag="semi")
     p.add_argument("--full-from", default=None, help="a result file of benchmarks/volumes.py at the same budget whose "
                    "'full' row is shown as the reference")
     a = p.parse_args(argv)

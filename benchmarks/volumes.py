@@ -125,11 +125,10 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def budget_arguments(p: argparse.ArgumentParser, *, regimes: str, known: dict, tag: str) -> None:
+    """The options every per-volume benchmark shares: data, regimes, the training budget, the result file."""
     p.add_argument("--data", required=True, help="folder holding acdc_volumes/")
-    p.add_argument("--regimes", default="full,pce,pce_tv,mask10_scribble90", help=f"comma-separated, from "
-                   f"{sorted(REGIMES)}")
+    p.add_argument("--regimes", default=regimes, help=f"comma-separated, from {sorted(known)}")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -138,13 +137,18 @@ def main(argv=None):
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of the patients validated on")
-    p.add_argument("--empty-slice-rate", type=float, default=1.0, help="share of the training slices without "
-                   "foreground kept")
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (the row's scores are always a "
                    "full validation after training)")
-    p.add_argument("--tag", default="acdc_volumes", help="result file name (benchmarks/results/<tag>.json)")
+    p.add_argument("--tag", default=tag, help="result file name (benchmarks/results/<tag>.json)")
     p.add_argument("--out", default=str(RESULTS), help="folder of the result file")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    budget_arguments(p, regimes="full,pce,pce_tv,mask10_scribble90", known=REGIMES, tag="acdc_volumes")
+    p.add_argument("--empty-slice-rate", type=float, default=1.0, help="share of the training slices without "
+                   "foreground kept")
     a = p.parse_args(argv)
     root = Path(a.data) / "acdc_volumes"
     if not root.is_dir():

@@ -433,16 +433,8 @@ class AuditResult:
         grid = self.gallery()
         if grid is None:
             return False
-        logged = False
-        for logger in loggers or ():
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_image"):
-                exp.add_image(tag, grid, step, dataformats="HWC")
-                logged = True
-            elif hasattr(logger, "log_image"):
-                logger.log_image(key=tag, images=[grid], step=step)
-                logged = True
-        return logged
+        from .callbacks.image_logger import log_image
+        return log_image(loggers, tag, grid, step)
 
 
 # ------------------------------------------------------------------------------------------------------- running

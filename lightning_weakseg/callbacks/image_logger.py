@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["SegmentationImageLogger", "colorize", "panel", "weak_label_panel"]
+__all__ = ["SegmentationImageLogger", "colorize", "log_image", "panel", "weak_label_panel"]
 
 # background black, then well separated colours; 255 (unknown) grey
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -42,6 +42,21 @@ def panel(image: torch.Tensor, target: torch.Tensor | None, pred: torch.Tensor) 
     cols.append(colorize(pred))
     return np.concatenate(cols, axis=1)
 
+
+
+def log_image(loggers, tag: str, image: np.ndarray, step: int) -> bool:
+    """Give an H × W × 3 uint8 image to Lightning loggers: TensorBoard's ``add_image`` or any logger's
+    ``log_image``. Returns whether one took it."""
+    logged = False
+    for logger in loggers or ():
+        exp = getattr(logger, "experiment", None)
+        if hasattr(exp, "add_image"):
+            exp.add_image(tag, image, step, dataformats="HWC")
+            logged = True
+        elif hasattr(logger, "log_image"):
+            logger.log_image(key=tag, images=[image], step=step)
+            logged = True
+    return logged
 
 class SegmentationImageLogger(L.Callback):
     """Every ``every_n_epochs`` validation epochs, log a grid (one row per sample: image | mask | prediction) of
@@ -102,16 +117,7 @@ class SegmentationImageLogger(L.Callback):
             self.last_path = path
 
     def _emit(self, trainer, grid: np.ndarray, tag: str, prefix: str) -> Path | None:
-        step, logged = trainer.global_step, False
-        for logger in trainer.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_image"):
-                exp.add_image(tag, grid, step, dataformats="HWC")
-                logged = True
-            elif hasattr(logger, "log_image"):
-                logger.log_image(key=tag, images=[grid], step=step)
-                logged = True
-        if logged:
+        if log_image(trainer.loggers, tag, grid, trainer.global_step):
             return None
         import cv2
         root = Path(trainer.log_dir or trainer.default_root_dir) / "images"
