@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from .data.batch import IGNORE_INDEX
+from .inference import class_map
 
-__all__ = ["METHODS", "DEFAULT_METHOD", "ERROR_TYPES", "class_map", "pixel_label_quality", "label_quality_scores",
+__all__ = ["METHODS", "DEFAULT_METHOD", "ERROR_TYPES", "pixel_label_quality", "label_quality_scores",
            "pixel_issues", "suspected_error_types", "LabelQualityScorer", "AuditResult", "audit",
            "cross_val_audit", "kfold_indices", "probabilities"]
 
@@ -90,17 +91,6 @@ def pixel_label_quality(probs: Tensor, labels: Tensor, ignore_index: int = IGNOR
     idx = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(1)
     s = probs.gather(1, idx).squeeze(1)
     return torch.where(valid, s, torch.ones_like(s))
-
-
-def class_map(probs: Tensor) -> Tensor:
-    """Arg-max over the class dim of (N,K,H,W), ties to the lowest class (as ``argmax``), by K elementwise
-    comparisons: a CPU ``argmax`` over a strided class dim is ~50x slower at these shapes."""
-    best, idx = probs[:, 0], torch.zeros(probs.shape[0], *probs.shape[2:], dtype=torch.long, device=probs.device)
-    for c in range(1, probs.shape[1]):
-        better = probs[:, c] > best
-        best = torch.where(better, probs[:, c], best)
-        idx = torch.where(better, torch.full_like(idx, c), idx)
-    return idx
 
 
 def _softmin(s: Tensor, valid: Tensor, temperature: float) -> Tensor:
