@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..data.batch import IGNORE_INDEX, MASK_KEYS
+from ..inference import class_map
 from ..losses.partial import masked_cross_entropy
 from ..module import WeakSegModule
 from ._peer import PeerNetworkMixin
@@ -87,7 +88,7 @@ class CrossPseudoSupervisionMixin(PeerNetworkMixin):
             self._peer_pass = False
         terms.update({f"{self.PEER_PREFIX}{k}": v for k, v in peer_terms.items()})
         with torch.no_grad():
-            pseudo_a, pseudo_b = logits_a.argmax(1), logits_b.argmax(1)
+            pseudo_a, pseudo_b = class_map(logits_a), class_map(logits_b)
             if self.hparams.cps_on == "unlabelled":
                 labelled = dense_labelled_pixels(batch)
                 if labelled is not None:
