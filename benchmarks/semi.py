@@ -5,7 +5,10 @@
 The same runner, split (by patient), model, image size, epochs and seed as ``benchmarks/volumes.py`` (whose
 functions this uses; its ``full`` row is full supervision on every training patient). The labelled share is drawn
 per patient (``label_by_group``: every slice of a patient carries the same label type); the other patients' slices
-carry no label (``"none"``) and stay in the batches, so every row takes the same optimizer steps on the same images:
+carry no label (``"none"``) and stay in the batches, so every row takes the same optimizer steps on the same images.
+By default a batch is drawn from all slices alike (about one labelled slice in ten); ``--labelled-share 0.5`` makes
+every batch half labelled, the labelled slices drawn again as they run out (the two-stream batches of the published
+semi-supervised protocol, ``WeakSegDataModule(labelled_share=...)``), with as many steps an epoch:
 
 * ``mask10`` / ``mask5`` — 10 % / 5 % of the patients with masks, CE; the unlabelled slices contribute nothing
   (the semi-supervised rows without their term);
@@ -67,6 +70,9 @@ def _register() -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     volumes.budget_arguments(p, regimes="mask10,mt_mask10,cps_mask10", known=REGIMES, tag="semi")
+    p.add_argument("--labelled-share", type=float, default=None, help="the share of every batch with labels "
+                   "(two-stream batches, WeakSegDataModule(labelled_share=...)); default: batches drawn from all "
+                   "slices alike")
     p.add_argument("--full-from", default=None, help="a result file of benchmarks/volumes.py at the same budget whose "
                    "'full' row is shown as the reference")
     a = p.parse_args(argv)
@@ -98,7 +104,8 @@ def main(argv=None):
     for name in names:
         row = volumes.run_regime(str(root), name, epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size,
                                  seed=a.seed, arch=a.arch, encoder=a.encoder, lr=a.lr, val_fraction=a.val_fraction,
-                                 empty_slice_rate=1.0, val_every=a.val_every)
+                                 empty_slice_rate=1.0, val_every=a.val_every,
+                                 data={"labelled_share": a.labelled_share} if a.labelled_share else None)
         row["command"] = payload["command"]
         payload["rows"].append(row)
         volumes.write_json(path, payload)  # after every regime: a killed run keeps what it did

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .batch import LABEL_KEYS, collate
 from .folder import FolderDataset
 from .tiles import TiledDataset
-from .sampling import EpochSampler, PadFlagged, PaddedEvalSampler, ResumableDataLoader
+from .sampling import EpochSampler, PadFlagged, PaddedEvalSampler, ResumableDataLoader, TwoStreamSampler
 from .synthetic import KINDS, SyntheticDataset
 
 
@@ -91,6 +91,12 @@ class WeakSegDataModule(L.LightningDataModule):
             (``{"mask": 0.1, "none": 0.9}``: semi-supervised regimes, :mod:`lightning_weakseg.regimes.mean_teacher`).
         label_by_group: assign ``label_fractions`` per split group (patient or volume, ``group_regex``) instead of
             per sample: every slice of a group carries the same label type ("10 % of the patients labelled").
+        labelled_share: with labelled and unlabelled training samples, the share of every training batch that
+            carries a label (``round(labelled_share · batch_size)`` samples; :class:`~.sampling.TwoStreamSampler`):
+            the two-stream batches of semi-supervised segmentation (Yu et al., MICCAI 2019, half of each batch
+            labelled). The labelled samples are drawn again when they run out, so a small labelled set is seen
+            many times an epoch; an epoch has as many batches as without. ``None`` (default): batches drawn
+            from all samples alike.
         weakify: options of the weak-label simulator (``box_jitter``, ``point_mode``, ``point_fraction``,
             ``scribble_keep``, ``noise_rate``, ``noise_fraction``).
         augment: training augmentation: ``"default"``, ``"light"``, ``"none"``.
@@ -127,7 +133,8 @@ class WeakSegDataModule(L.LightningDataModule):
                  resize: str = "longest", on_bad_data: str = "raise", check: bool = True,
                  check_cache_dir: str | None = None, predict_dir: str | None = None,
                  test_dir: str | None = None, native_eval: bool = True, slice_axis: int = 2,
-                 volume_norm: str = "percentile", empty_slice_rate: float = 1.0, label_by_group: bool = False):
+                 volume_norm: str = "percentile", empty_slice_rate: float = 1.0, label_by_group: bool = False,
+                 labelled_share: float | None = None):
         super().__init__()
         if int(tiles) != tiles or tiles < 1:
             raise ValueError(f"tiles must be a positive integer, got {tiles!r}")
@@ -137,6 +144,8 @@ class WeakSegDataModule(L.LightningDataModule):
             raise ValueError(f"source must be 'synthetic', 'folder' or 'volumes', got {source!r}")
         if source == "volumes" and tiles != 1:
             raise ValueError("tiles are not available for source='volumes' (slices are scored as whole volumes)")
+        if labelled_share is not None and not 0.0 < labelled_share < 1.0:
+            raise ValueError(f"labelled_share must be in (0, 1) or None, got {labelled_share}")
         if not 0.0 <= empty_slice_rate <= 1.0:
             raise ValueError(f"empty_slice_rate must be in [0, 1], got {empty_slice_rate}")
         if source in ("folder", "volumes"):
@@ -322,13 +331,23 @@ class WeakSegDataModule(L.LightningDataModule):
         also in one process), and its position is part of every checkpoint, so a run resumed from a checkpoint
         written inside an epoch continues with the next batch (:mod:`~lightning_weakseg.data.sampling`)."""
         h = self.hparams
-        sampler = EpochSampler(self.train_dataset, shuffle=h.shuffle, seed=h.seed, batch_size=h.batch_size)
+        if h.get("labelled_share") is not None:
+            sampler = TwoStreamSampler(self.train_dataset, labelled=self.labelled_flags(),
+                                       labelled_per_batch=round(h.labelled_share * h.batch_size), shuffle=h.shuffle,
+                                       seed=h.seed, batch_size=h.batch_size)
+        else:
+            sampler = EpochSampler(self.train_dataset, shuffle=h.shuffle, seed=h.seed, batch_size=h.batch_size)
         loader = ResumableDataLoader(self.train_dataset, batch_size=h.batch_size, sampler=sampler,
                                      num_workers=h.num_workers, collate_fn=collate, drop_last=False)
         loader.progress = self._train_position
         if self._resume_position:
             loader.load_state_dict(self._resume_position)
         return loader
+
+    def labelled_flags(self) -> list[bool]:
+        """Per training sample (in ``train_dataset`` order), whether it carries any label."""
+        ds = self.train_dataset
+        return [bool(ds.keys_for(ds.raw_index(i))) for i in range(len(ds))]
 
     def _train_position(self) -> tuple[int, int]:
         trainer = self.trainer

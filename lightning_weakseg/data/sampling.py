@@ -3,6 +3,8 @@
 * :class:`EpochSampler` — the order of epoch ``e`` is a function of ``(seed, e)`` only (never of the global RNG),
   in one process as under DDP (it is a :class:`~torch.utils.data.DistributedSampler`, one replica when not
   distributed; Lightning calls ``set_epoch``). It can skip the batches a checkpoint says were already trained on.
+* :class:`TwoStreamSampler` — an :class:`EpochSampler` whose every batch holds a fixed number of labelled
+  samples, the rest unlabelled (the two-stream batches of semi-supervised segmentation, Yu et al., MICCAI 2019).
 * :class:`ResumableDataLoader` — a ``DataLoader`` with ``state_dict``/``load_state_dict`` (Lightning's
   ``_Stateful`` protocol): a checkpoint written in the middle of an epoch stores the epoch and the number of
   batches the training loop finished, and the resumed loader starts at the next one.
@@ -13,12 +15,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["EpochSampler", "ResumableDataLoader", "PaddedEvalSampler", "PadFlagged"]
+__all__ = ["EpochSampler", "TwoStreamSampler", "ResumableDataLoader", "PaddedEvalSampler", "PadFlagged"]
 
 
 def _world() -> tuple[int, int]:
@@ -45,8 +47,12 @@ class EpochSampler(DistributedSampler):
         """In epoch ``epoch`` (only), start after the first ``batches`` batches (once)."""
         self._resume = (int(epoch), int(batches))
 
+    def _order(self) -> list[int]:
+        """This rank's indices of the current epoch, before any skip."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        indices = self._order()
         if self._resume is not None:
             epoch, batches = self._resume
             if epoch == self.epoch:
@@ -55,6 +61,67 @@ class EpochSampler(DistributedSampler):
             elif self.epoch > epoch:
                 self._resume = None
         return iter(indices)
+
+
+class TwoStreamSampler(EpochSampler):
+    """Batches of ``batch_size`` with ``labelled_per_batch`` labelled samples and the rest unlabelled.
+
+    The labelled and the unlabelled indices are two streams, each a chain of permutations (drawn from
+    ``(seed, epoch)``; sequential without ``shuffle``) consumed batch after batch; the shorter stream, usually the
+    labelled one, starts over when it runs out, so a small labelled set is seen many times an epoch. An epoch
+    has as many batches per rank as :class:`EpochSampler` would give (``ceil(ceil(N / W) / batch_size)``), all
+    full. Under DDP the global batches are dealt to the ranks in turn (rank ``r`` gets batches ``r, r + W, ...``):
+    every rank's batch has the same labelled count, and no two ranks share a sample within a pass of a stream.
+
+    Args:
+        dataset: the data set. labelled: bool per index of ``dataset`` (a sample that carries some label).
+        labelled_per_batch: labelled samples in every batch, in ``[1, batch_size - 1]``.
+        shuffle, seed, batch_size: as for :class:`EpochSampler`.
+
+    >>> s = TwoStreamSampler(list(range(6)), labelled=[True, True, False, False, False, False],
+    ...                      labelled_per_batch=1, shuffle=False, seed=0, batch_size=2)
+    >>> list(s)
+    [0, 2, 1, 3, 0, 4]
+    """
+
+    def __init__(self, dataset: Dataset, *, labelled: Sequence[bool], labelled_per_batch: int, shuffle: bool,
+                 seed: int, batch_size: int):
+        super().__init__(dataset, shuffle=shuffle, seed=seed, batch_size=batch_size)
+        flags = [bool(v) for v in labelled]
+        if len(flags) != len(dataset):
+            raise ValueError(f"TwoStreamSampler: {len(flags)} labelled flags for {len(dataset)} samples")
+        k = int(labelled_per_batch)
+        if not 1 <= k <= self.batch_size - 1:
+            raise ValueError(f"TwoStreamSampler: labelled_per_batch must be in [1, batch_size - 1 = "
+                             f"{self.batch_size - 1}], got {labelled_per_batch}")
+        self.labelled_idx = [i for i, f in enumerate(flags) if f]
+        self.unlabelled_idx = [i for i, f in enumerate(flags) if not f]
+        if not self.labelled_idx or not self.unlabelled_idx:
+            raise ValueError(f"TwoStreamSampler: needs labelled and unlabelled samples, got "
+                             f"{len(self.labelled_idx)} labelled and {len(self.unlabelled_idx)} unlabelled")
+        self.labelled_per_batch = k
+        self.batches_per_rank = math.ceil(self.num_samples / self.batch_size)
+
+    def _stream(self, idx: list[int], n: int, g: torch.Generator) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            order = torch.randperm(len(idx), generator=g).tolist() if self.shuffle else range(len(idx))
+            out.extend(idx[j] for j in order)
+        return out[:n]
+
+    def _order(self) -> list[int]:
+        n_batches = self.batches_per_rank * self.num_replicas
+        k, b = self.labelled_per_batch, self.batch_size
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        lab = self._stream(self.labelled_idx, n_batches * k, g)
+        unl = self._stream(self.unlabelled_idx, n_batches * (b - k), g)
+        mine: list[int] = []
+        for j in range(self.rank, n_batches, self.num_replicas):
+            mine += lab[j * k:(j + 1) * k] + unl[j * (b - k):(j + 1) * (b - k)]
+        return mine
+
+    def __len__(self) -> int:
+        return self.batches_per_rank * self.batch_size
 
 
 class ResumableDataLoader(DataLoader):
