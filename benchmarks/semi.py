@@ -13,7 +13,8 @@ semi-supervised protocol, ``WeakSegDataModule(labelled_share=...)``), with as ma
 * ``mask10`` / ``mask5`` — 10 % / 5 % of the patients with masks, CE; the unlabelled slices contribute nothing
   (the semi-supervised rows without their term);
 * ``mt_mask10`` / ``mt_mask5`` — the same + mean teacher (``configs/semi_mean_teacher.yaml``);
-* ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``);
+* ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``; the weight
+  1.5 · s / (1 − s) for a labelled share s of the batch: 0.15, 0.075, and 1.5 with ``--labelled-share 0.5``);
 * ``scribble10`` — 10 % of the patients with their real scribbles (partial CE + TV), the rest unlabelled;
   ``mt_scribble10`` — the same + mean teacher (a module of ScribbleMixin and MeanTeacherMixin).
 
@@ -61,10 +62,22 @@ REGIMES: dict[str, tuple[str, dict]] = {
 }
 
 
-def _register() -> None:
-    """The rows run through ``benchmarks/volumes.run_regime``, which looks regimes up in its own table."""
-    for name, regime in REGIMES.items():
-        volumes.REGIMES.setdefault(name, regime)
+CPS_LAMBDA = 1.5  # Chen et al. 2021: the CPS term's weight against the supervised one
+
+
+def cps_weight(share: float) -> float:
+    """The ``semi/cps`` weight that puts λ = 1.5 between the two terms when a share ``share`` of the batch is
+    labelled (both are means over the whole batch, docs/regimes/semi.md): 1.5 · share / (1 − share)."""
+    return round(CPS_LAMBDA * share / (1.0 - share), 4)
+
+
+def _register(labelled_share: float | None = None) -> None:
+    """The rows run through ``benchmarks/volumes.run_regime``, which looks regimes up in its own table; with
+    two-stream batches the CPS rows' weight follows the batch's labelled share (:func:`cps_weight`)."""
+    for name, (config, overrides) in REGIMES.items():
+        if labelled_share and config == "semi_cps":
+            overrides = {**overrides, "model": {"loss_weights": {"semi/cps": cps_weight(labelled_share)}}}
+        volumes.REGIMES[name] = (config, overrides)
 
 
 def main(argv=None):
@@ -76,7 +89,7 @@ def main(argv=None):
     p.add_argument("--full-from", default=None, help="a result file of benchmarks/volumes.py at the same budget whose "
                    "'full' row is shown as the reference")
     a = p.parse_args(argv)
-    _register()
+    _register(a.labelled_share)
     root = Path(a.data) / "acdc_volumes"
     if not root.is_dir():
         p.error(f"{root} does not exist (see ../shared/data/README.md)")

@@ -149,8 +149,8 @@ def demo(argv=None) -> list[dict]:
 
 
 def check(argv=None) -> int:
-    """``weakseg check --config cfg.yaml [--data.root ...]``: the up-front data check of the config's data,
-    printed, without training. Exit status 1 when it finds problems."""
+    """``weakseg check --config cfg.yaml [--data.root ...]``: the up-front data check of the config's data (and of
+    its ``unlabelled_dir``), printed, without training. Exit status 1 when it finds problems."""
     argv = list(argv or [])
     if any(a in ("-h", "--help") for a in argv):
         print("usage: weakseg check --config CONFIG [--data.<option> VALUE ...]\n\n" + check.__doc__)
@@ -163,11 +163,16 @@ def check(argv=None) -> int:
     finally:
         sys.argv = saved
     report = cli.datamodule.check_data(use_cache=True)
-    if report is None:
+    unlabelled = cli.datamodule.check_unlabelled_data(use_cache=True)
+    if report is None and unlabelled is None:
         print("data check: synthetic data, nothing to check")
         return 0
-    print(report.format(limit=1000))
-    return 0 if report.ok else 1
+    ok = True
+    for name, r in (("data", report), ("unlabelled_dir", unlabelled)):
+        if r is not None:
+            print(("" if name == "data" else f"{name}: ") + r.format(limit=1000))
+            ok = ok and r.ok
+    return 0 if ok else 1
 
 
 AUDIT_USAGE = """usage: weakseg audit --config CONFIG (--ckpt_path CKPT | --folds K) [--output_dir DIR]

@@ -91,6 +91,11 @@ class WeakSegDataModule(L.LightningDataModule):
             (``{"mask": 0.1, "none": 0.9}``: semi-supervised regimes, :mod:`lightning_weakseg.regimes.mean_teacher`).
         label_by_group: assign ``label_fractions`` per split group (patient or volume, ``group_regex``) instead of
             per sample: every slice of a group carries the same label type ("10 % of the patients labelled").
+        unlabelled_dir: a folder of images (volumes for ``source="volumes"``) without any label file: every one is
+            a training sample with no label (id ``unlabelled/<file stem>``), beside the labelled training split;
+            never validated on. Read like the data (``color_mode``, ``resize``, ``image_size``, ``tiles``) and
+            checked up front like it (``on_bad_data``). For the semi-supervised regimes
+            (:mod:`~lightning_weakseg.regimes.mean_teacher`, :mod:`~lightning_weakseg.regimes.cps`).
         labelled_share: with labelled and unlabelled training samples, the share of every training batch that
             carries a label (``round(labelled_share · batch_size)`` samples; :class:`~.sampling.TwoStreamSampler`):
             the two-stream batches of semi-supervised segmentation (Yu et al., MICCAI 2019, half of each batch
@@ -134,7 +139,7 @@ class WeakSegDataModule(L.LightningDataModule):
                  check_cache_dir: str | None = None, predict_dir: str | None = None,
                  test_dir: str | None = None, native_eval: bool = True, slice_axis: int = 2,
                  volume_norm: str = "percentile", empty_slice_rate: float = 1.0, label_by_group: bool = False,
-                 labelled_share: float | None = None):
+                 labelled_share: float | None = None, unlabelled_dir: str | None = None):
         super().__init__()
         if int(tiles) != tiles or tiles < 1:
             raise ValueError(f"tiles must be a positive integer, got {tiles!r}")
@@ -213,7 +218,12 @@ class WeakSegDataModule(L.LightningDataModule):
             else:
                 per = assign_labels(len(train_idx), dict(h.label_fractions), h.seed)
             plan = {i: p for i, p in zip(train_idx, per)}
-        self.train_dataset = ds.subset(train_idx, labels=tuple(h.train_labels), label_plan=plan, augment=h.augment)
+        if h.get("unlabelled_dir"):
+            train_ds, train_idx, plan = self._with_unlabelled(ds, train_idx, plan)
+        else:
+            train_ds = ds
+        self.train_dataset = train_ds.subset(train_idx, labels=tuple(h.train_labels), label_plan=plan,
+                                             augment=h.augment)
         eval_ds, val_idx, test_idx = ds, split["val"], split["test"]
         if isinstance(ds, TiledDataset) and h.get("tile_eval", "tiles") == "images":
             # validate / test on the whole images (at tiles × image_size) the evaluation tiles came from
@@ -226,11 +236,43 @@ class WeakSegDataModule(L.LightningDataModule):
         if h.get("test_dir"):  # a separate labelled test folder replaces the test split; checked up front too
             test_ds = self._test_folder(eval_labels)
             train_report = getattr(self, "data_report", None)
-            bad = self._run_check(test_ds)
+            bad = self._run_check(test_ds, report_name="data_check_test")
             self.test_data_report, self.data_report = getattr(self, "data_report", None), train_report
             self.test_dataset = test_ds.subset([i for i in range(test_ds.raw_length()) if i not in bad],
                                                native_eval=native) if bad else test_ds
         self.full_dataset = ds
+
+    def _with_unlabelled(self, ds, train_idx: list[int], plan: dict | None):
+        """The training data joined with every image of ``unlabelled_dir`` (no labels; checked up front like the
+        data, its report in ``unlabelled_data_report``): the joined data set, its training raw indices and the
+        label plan (the unlabelled images planned without any label)."""
+        from .joined import JoinedDataset
+        h = self.hparams
+        unl = self._unlabelled_dataset()
+        data_report = getattr(self, "data_report", None)
+        bad = self._run_check(unl, report_name="data_check_unlabelled")
+        self.unlabelled_data_report, self.data_report = getattr(self, "data_report", None), data_report
+        joined = JoinedDataset(ds, unl)
+        extra = [joined.offset + j for j in range(unl.raw_length()) if j not in bad]
+        if plan is None:
+            plan = {i: tuple(h.train_labels) for i in train_idx}
+        return joined, list(train_idx) + extra, {**plan, **{i: () for i in extra}}
+
+    def _unlabelled_dataset(self):
+        """Every image (volume) of ``unlabelled_dir``, read like the data, without labels."""
+        h = self.hparams
+        grid = int(h.get("tiles", 1))
+        common = dict(num_classes=self.num_classes, in_channels=self.in_channels, image_size=h.image_size * grid,
+                      seed=h.seed)
+        if h.source == "volumes":
+            unl = self._volumes(h.unlabelled_dir, image_dir=".", mask_dir=None, scribble_dir=None, labels=(),
+                                **common)
+        else:
+            unl = FolderDataset(h.unlabelled_dir, image_dir=".", mask_dir=None, color_mode=h.color_mode,
+                                resize=h.get("resize", "longest"), labels=(), **common)
+        if grid > 1:
+            unl = TiledDataset(unl, grid, **{**common, "image_size": h.image_size, "labels": ()})
+        return unl
 
     def _volumes(self, root, image_dir: str | None = None, **kwargs):
         """A :class:`~.volumes.VolumeDataset` of ``root`` with this module's volume options."""
@@ -254,6 +296,12 @@ class WeakSegDataModule(L.LightningDataModule):
         ds, _ = self._full()
         return self._check_report(ds, use_cache)
 
+    def check_unlabelled_data(self, use_cache: bool = True):
+        """The same check of ``unlabelled_dir`` (``None`` without one)."""
+        if not self.hparams.get("unlabelled_dir"):
+            return None
+        return self._check_report(self._unlabelled_dataset(), use_cache)
+
     def _check_report(self, ds, use_cache: bool = True):
         from .check import check_folder
         from .volumes import VolumeDataset, check_volumes
@@ -266,7 +314,7 @@ class WeakSegDataModule(L.LightningDataModule):
         return check_folder(folder, boxes_trained=folder.boxes_required, cache_dir=self.hparams.check_cache_dir,
                             use_cache=use_cache)
 
-    def _run_check(self, ds) -> set[int]:
+    def _run_check(self, ds, report_name: str = "data_check") -> set[int]:
         """The check before training: raise on problems (``on_bad_data="raise"``) or return the raw indices of
         ``ds`` to leave out (``"skip"``); the report is printed and, with a logger, written as data_check.json."""
         h = self.hparams
@@ -285,7 +333,7 @@ class WeakSegDataModule(L.LightningDataModule):
             import json
             import os
             os.makedirs(log_dir, exist_ok=True)
-            with open(os.path.join(log_dir, "data_check.json"), "w") as f:
+            with open(os.path.join(log_dir, f"{report_name}.json"), "w") as f:
                 json.dump(report.to_dict(), f, indent=1)
         if report.problems or report.notes:
             rank_zero_warn(report.format())

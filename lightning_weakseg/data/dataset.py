@@ -83,6 +83,11 @@ class WeakSegDataset(Dataset):
     def raw_length(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def sample_meta(self, i: int) -> dict[str, Any]:
+        """Keys a sample of raw index ``i`` carries beside its image and labels (volumes: its volume, slice and
+        spacing); none by default."""
+        return {}
+
     # ---- views ----
     def subset(self, indices: Sequence[int], **overrides) -> "WeakSegDataset":
         """A view of these raw indices (a split), sharing caches, with some attributes overridden."""

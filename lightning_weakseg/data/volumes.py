@@ -367,10 +367,12 @@ class VolumeDataset(WeakSegDataset):
         # (label_fractions "none") is a training image and goes through it (augmentation) like the others
         unlabelled_view = not self.keys_for(raw_i) and self.label_plan is None
         out = self._unlabelled(raw_i) if unlabelled_view else super()._getitem(i)
-        v, k = self.slices[raw_i]
-        out["volume"], out["slice"] = self.names[v], k
-        out["spacing"] = torch.from_numpy(self.spacing(v).copy())
+        out.update(self.sample_meta(raw_i))
         return out
+
+    def sample_meta(self, i: int) -> dict[str, Any]:
+        v, k = self.slices[i]
+        return {"volume": self.names[v], "slice": k, "spacing": torch.from_numpy(self.spacing(v).copy())}
 
 
 class WholeVolumeSampler(DistributedSampler):
