@@ -7,7 +7,8 @@ the runs (the teacher of the mean teacher, both networks of cross pseudo supervi
 The runs, their outputs (``<out>/<case>/<variant>/weights_rank<r>.pt``, ``records_rank<r>.pt``, ``metrics.json``)
 and why they are comparable (float64, GroupNorm, no shuffle, no augmentation) are those of
 ``scripts/ddp_regime_check.py``, whose runner this script uses with the cases below. Half of the training samples
-carry a mask and half nothing (``label_fractions={"mask": 0.5, "none": 0.5}``); the student's strong view is drawn
+carry a mask and half nothing (``label_fractions={"mask": 0.5, "none": 0.5}``; in the two-stream case a quarter carry
+a mask and every batch is half labelled); the student's strong view is drawn
 per sample (seeded by its index), so it does not depend on the rank a sample is dealt to.
 """
 from __future__ import annotations
@@ -23,6 +24,12 @@ SEMI = {"label_fractions": {"mask": 0.5, "none": 0.5}}
 CASES = {
     "mean_teacher": dict(module="lightning_weakseg.regimes:MeanTeacherSegModule", kind="organ", labels=["mask"],
                          data=SEMI, kwargs={"ema_decay": 0.9, "consistency_rampup_steps": 3}),
+    # two-stream batches (labelled_share): every rank's batch half labelled, the ranks' batches together the
+    # one-process batch
+    "mean_teacher_two_stream": dict(module="lightning_weakseg.regimes:MeanTeacherSegModule", kind="organ",
+                                    labels=["mask"], data={"label_fractions": {"mask": 0.25, "none": 0.75},
+                                                           "labelled_share": 0.5},
+                                    kwargs={"ema_decay": 0.9, "consistency_rampup_steps": 3}),
     "cps": dict(module="lightning_weakseg.regimes:CPSSegModule", kind="organ", labels=["mask"], data=SEMI,
                 kwargs={"consistency_rampup_steps": 3}),
 }

@@ -294,7 +294,8 @@ def test_one_and_two_ddp_processes_give_the_same_teacher(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "ddp_semi_check.py"), "--out", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"ddp_semi_check failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    for case, prefix in (("mean_teacher", "teacher_model."), ("cps", "peer_model.")):
+    for case, prefix in (("mean_teacher", "teacher_model."), ("mean_teacher_two_stream", "teacher_model."),
+                         ("cps", "peer_model.")):
         one = torch.load(tmp_path / case / "d1" / "weights_rank0.pt")
         ranks = [torch.load(tmp_path / case / "d2" / f"weights_rank{r}.pt") for r in (0, 1)]
         assert any(k.startswith(prefix) for k in one)
@@ -304,5 +305,11 @@ def test_one_and_two_ddp_processes_give_the_same_teacher(tmp_path):
                 torch.testing.assert_close(ranks[0][k], v, rtol=0, atol=1e-9, msg=f"{case}: {k}")
         records = torch.load(tmp_path / case / "d1" / "records_rank0.pt", weights_only=False)
         assert records["optimizer_steps"] == 4
-        if case == "mean_teacher":  # the teacher moved away from its initial copy and differs from the student
+        if case == "mean_teacher_two_stream":  # the ranks' step-k batches together are the one-process batch
+            steps = [torch.load(tmp_path / case / v / f"records_rank{r}.pt", weights_only=False)["records"]
+                     for v, r in (("d1", 0), ("d2", 0), ("d2", 1))]
+            assert len(steps[0]) == 4
+            for a, b, c in zip(*steps):
+                assert sorted(a["index"].tolist()) == sorted(b["index"].tolist() + c["index"].tolist())
+        if case.startswith("mean_teacher"):  # the teacher moved away from its initial copy and differs from the student
             assert any(not torch.equal(one[k], one["model." + k[len(prefix):]]) for k in one if k.startswith(prefix))
