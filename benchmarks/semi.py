@@ -14,7 +14,7 @@ semi-supervised protocol, ``WeakSegDataModule(labelled_share=...)``), with as ma
   (the semi-supervised rows without their term);
 * ``mt_mask10`` / ``mt_mask5`` — the same + mean teacher (``configs/semi_mean_teacher.yaml``);
 * ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``; the weight
-  1.5 · s / (1 − s) for a labelled share s of the batch: 0.15, 0.075, and 1.5 with ``--labelled-share 0.5``);
+  1.5 · s / (1 − s) for a labelled share s of the batch: 0.167, 0.079, and 1.5 with ``--labelled-share 0.5``);
 * ``scribble10`` — 10 % of the patients with their real scribbles (partial CE + TV), the rest unlabelled;
   ``mt_scribble10`` — the same + mean teacher (a module of ScribbleMixin and MeanTeacherMixin).
 
@@ -53,7 +53,7 @@ REGIMES: dict[str, tuple[str, dict]] = {
     "mt_mask10": ("semi_mean_teacher", _fractions("mask", 0.1)),
     "mt_mask5": ("semi_mean_teacher", _fractions("mask", 0.05)),
     "cps_mask10": ("semi_cps", _fractions("mask", 0.1)),
-    "cps_mask5": ("semi_cps", {**_fractions("mask", 0.05), "model": {"loss_weights": {"semi/cps": 0.075}}}),
+    "cps_mask5": ("semi_cps", _fractions("mask", 0.05)),
     "scribble10": ("volumes_scribbles", {**_fractions("scribble", 0.1), "model": dict(_SCRIBBLE_TERMS)}),
     "mt_scribble10": ("semi_mean_teacher", {
         **_fractions("scribble", 0.1, scribble_dir="scribbles"),
@@ -72,11 +72,14 @@ def cps_weight(share: float) -> float:
 
 
 def _register(labelled_share: float | None = None) -> None:
-    """The rows run through ``benchmarks/volumes.run_regime``, which looks regimes up in its own table; with
-    two-stream batches the CPS rows' weight follows the batch's labelled share (:func:`cps_weight`)."""
+    """The rows run through ``benchmarks/volumes.run_regime``, which looks regimes up in its own table. The CPS
+    rows' weight follows the labelled share of a batch (:func:`cps_weight`): ``labelled_share`` with two-stream
+    batches, else the row's labelled fraction."""
     for name, (config, overrides) in REGIMES.items():
-        if labelled_share and config == "semi_cps":
-            overrides = {**overrides, "model": {"loss_weights": {"semi/cps": cps_weight(labelled_share)}}}
+        if config == "semi_cps":
+            fractions = overrides["data"]["label_fractions"]
+            share = labelled_share or sum(v for k, v in fractions.items() if k != "none")
+            overrides = {**overrides, "model": {"loss_weights": {"semi/cps": cps_weight(share)}}}
         volumes.REGIMES[name] = (config, overrides)
 
 
@@ -118,7 +121,7 @@ def main(argv=None):
         row = volumes.run_regime(str(root), name, epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size,
                                  seed=a.seed, arch=a.arch, encoder=a.encoder, lr=a.lr, val_fraction=a.val_fraction,
                                  empty_slice_rate=1.0, val_every=a.val_every,
-                                 data={"labelled_share": a.labelled_share} if a.labelled_share else None)
+                                 data={"labelled_share": a.labelled_share})
         row["command"] = payload["command"]
         payload["rows"].append(row)
         volumes.write_json(path, payload)  # after every regime: a killed run keeps what it did
