@@ -44,12 +44,12 @@ def ema_alpha(step: int, ema_decay: float) -> float:
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, alpha: float) -> None:
     """θ' ← α θ' + (1 − α) θ for every parameter and floating-point buffer (BatchNorm running statistics); integer
     buffers (batches tracked) are copied."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+    pairs = list(zip(teacher.parameters(), student.parameters()))
+    pairs += [(t, s) for t, s in zip(teacher.buffers(), student.buffers()) if t.is_floating_point()]
+    if pairs:  # one fused update, θ' + (1 − α)(θ − θ')
+        torch._foreach_lerp_([t for t, _ in pairs], [s.detach() for _, s in pairs], 1.0 - alpha)
     for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.is_floating_point():
-            t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
-        else:
+        if not t.is_floating_point():
             t.copy_(s)
 
 
