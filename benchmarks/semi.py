@@ -13,8 +13,9 @@ semi-supervised protocol, ``WeakSegDataModule(labelled_share=...)``), with as ma
 * ``mask10`` / ``mask5`` — 10 % / 5 % of the patients with masks, CE; the unlabelled slices contribute nothing
   (the semi-supervised rows without their term);
 * ``mt_mask10`` / ``mt_mask5`` — the same + mean teacher (``configs/semi_mean_teacher.yaml``);
-* ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``; the weight
-  1.5 · s / (1 − s) for a labelled share s of the batch: 0.167, 0.079, and 1.5 with ``--labelled-share 0.5``);
+* ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``) at the paper's
+  λ = 1.5 (:data:`LAMBDA`, :func:`unlabelled_weight`);
+* ``<row>_ssl4mis`` for the four rows above — the same at SSL4MIS's weight, λ = 0.1;
 * ``scribble10`` — 10 % of the patients with their real scribbles (partial CE + TV), the rest unlabelled;
   ``mt_scribble10`` — the same + mean teacher (a module of ScribbleMixin and MeanTeacherMixin).
 
@@ -62,24 +63,33 @@ REGIMES: dict[str, tuple[str, dict]] = {
 }
 
 
-CPS_LAMBDA = 1.5  # Chen et al. 2021: the CPS term's weight against the supervised one
+for _name in ("mt_mask10", "mt_mask5", "cps_mask10", "cps_mask5"):  # the same at SSL4MIS's weight (LAMBDA)
+    REGIMES[f"{_name}_ssl4mis"] = REGIMES[_name]
+
+# λ, the weight of the unlabelled term against the supervised one, each a mean over its own samples: CPS 1.5
+# (Chen et al., CVPR 2021, with ImageNet-initialised networks); SSL4MIS's ACDC runs (from random initialisation)
+# 0.1 for both the mean teacher and CPS. The mean-teacher rows without a λ keep their recipe's weight (1.0).
+LAMBDA = {"cps_mask10": 1.5, "cps_mask5": 1.5, **{n: 0.1 for n in REGIMES if n.endswith("_ssl4mis")}}
 
 
-def cps_weight(share: float) -> float:
-    """The ``semi/cps`` weight that puts λ = 1.5 between the two terms when a share ``share`` of the batch is
-    labelled (both are means over the whole batch, docs/regimes/semi.md): 1.5 · share / (1 − share)."""
-    return round(CPS_LAMBDA * share / (1.0 - share), 4)
+def unlabelled_weight(config: str, lam: float, share: float) -> dict:
+    """The loss weight that puts ``lam`` between the unlabelled term and the supervised one when a share ``share``
+    of the batch is labelled: every term is a mean over the whole batch (docs/regimes/semi.md), so the supervised
+    term carries ``share``, the consistency of every sample 1 and CPS on the unlabelled pixels ``1 − share``."""
+    if config == "semi_cps":
+        return {"semi/cps": round(lam * share / (1.0 - share), 4)}
+    return {"semi/consistency": round(lam * share, 4)}
 
 
 def _register(labelled_share: float | None = None) -> None:
-    """The rows run through ``benchmarks/volumes.run_regime``, which looks regimes up in its own table. The CPS
-    rows' weight follows the labelled share of a batch (:func:`cps_weight`): ``labelled_share`` with two-stream
-    batches, else the row's labelled fraction."""
+    """The rows run through ``benchmarks/volumes.run_regime``, which looks regimes up in its own table. A row with
+    a λ gets its weight from the labelled share of a batch (:func:`unlabelled_weight`): ``labelled_share`` with
+    two-stream batches, else the row's labelled fraction."""
     for name, (config, overrides) in REGIMES.items():
-        if config == "semi_cps":
+        if name in LAMBDA:
             fractions = overrides["data"]["label_fractions"]
             share = labelled_share or sum(v for k, v in fractions.items() if k != "none")
-            overrides = {**overrides, "model": {"loss_weights": {"semi/cps": cps_weight(share)}}}
+            overrides = {**overrides, "model": {"loss_weights": unlabelled_weight(config, LAMBDA[name], share)}}
         volumes.REGIMES[name] = (config, overrides)
 
 
