@@ -248,3 +248,38 @@ def test_mean_teacher_learns_from_the_unlabelled_folder_only_through_consistency
     per_row = (p_s - p_t).pow(2).flatten(1).mean(1)
     assert (per_row[~has] > 0).all() and (~has).any()
     assert torch.allclose(terms["semi/consistency"], per_row.mean(), atol=1e-7)
+
+
+def test_two_stream_resume_mid_epoch_sees_the_same_batches(tmp_path):
+    """A run resumed from a checkpoint written inside an epoch trains on exactly the batches the uninterrupted run
+    trained on after that point (shuffled two-stream batches, the sampler's position from the checkpoint)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning_weakseg import WeakSegModule
+
+    seen: dict[int, list] = {}
+
+    class Record(Callback):
+        def __init__(self, run):
+            self.run = run
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(self.run, []).append((trainer.global_step, batch["index"].tolist()))
+
+    def build():
+        dm = WeakSegDataModule(synthetic_kind="organ", n_samples=20, image_size=16, batch_size=4, val_fraction=0.2,
+                               label_fractions={"mask": 0.25, "none": 0.75}, labelled_share=0.5, augment="none")
+        return WeakSegModule(in_channels=1, num_classes=4, encoder="tu-resnet18", norm="group",
+                             model_kwargs={"encoder_depth": 3, "decoder_channels": [16, 8, 4]}), dm
+
+    args = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, limit_val_batches=0, max_epochs=2, default_root_dir=str(tmp_path))
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    model, dm = build()
+    L.Trainer(callbacks=[ckpt, Record(0)], **args).fit(model, dm)
+    model, dm = build()
+    L.Trainer(callbacks=[Record(1)], enable_checkpointing=False, **args).fit(model, dm,
+                                                                             ckpt_path=str(tmp_path / "step=2.ckpt"))
+    assert len(seen[0]) == 8 and [s for s, _ in seen[1]] == list(range(2, 8))
+    assert seen[1] == seen[0][2:]
+    assert [b for _, b in seen[0][:4]] != [b for _, b in seen[0][4:]]  # the two epochs were shuffled differently
