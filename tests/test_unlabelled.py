@@ -283,3 +283,10 @@ def test_two_stream_resume_mid_epoch_sees_the_same_batches(tmp_path):
     assert len(seen[0]) == 8 and [s for s, _ in seen[1]] == list(range(2, 8))
     assert seen[1] == seen[0][2:]
     assert [b for _, b in seen[0][:4]] != [b for _, b in seen[0][4:]]  # the two epochs were shuffled differently
+
+
+def test_labelled_share_without_unlabelled_samples_names_the_option():
+    dm = WeakSegDataModule(synthetic_kind="organ", n_samples=20, image_size=16, batch_size=4, labelled_share=0.5)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"labelled_share=0.5 with batch_size=4: .*0 unlabelled"):
+        dm.train_dataloader()

@@ -316,7 +316,7 @@ class WeakSegDataModule(L.LightningDataModule):
 
     def _run_check(self, ds, report_name: str = "data_check") -> set[int]:
         """The check before training: raise on problems (``on_bad_data="raise"``) or return the raw indices of
-        ``ds`` to leave out (``"skip"``); the report is printed and, with a logger, written as data_check.json."""
+        ``ds`` to leave out (``"skip"``); the report is printed and, with a logger, written as ``<report_name>.json`` in the log dir."""
         h = self.hparams
         mode = h.get("on_bad_data", "raise")
         if mode not in ("raise", "skip"):
@@ -380,9 +380,12 @@ class WeakSegDataModule(L.LightningDataModule):
         written inside an epoch continues with the next batch (:mod:`~lightning_weakseg.data.sampling`)."""
         h = self.hparams
         if h.get("labelled_share") is not None:
-            sampler = TwoStreamSampler(self.train_dataset, labelled=self.labelled_flags(),
-                                       labelled_per_batch=round(h.labelled_share * h.batch_size), shuffle=h.shuffle,
-                                       seed=h.seed, batch_size=h.batch_size)
+            try:
+                sampler = TwoStreamSampler(self.train_dataset, labelled=self.labelled_flags(),
+                                           labelled_per_batch=round(h.labelled_share * h.batch_size),
+                                           shuffle=h.shuffle, seed=h.seed, batch_size=h.batch_size)
+            except ValueError as e:
+                raise ValueError(f"labelled_share={h.labelled_share} with batch_size={h.batch_size}: {e}") from None
         else:
             sampler = EpochSampler(self.train_dataset, shuffle=h.shuffle, seed=h.seed, batch_size=h.batch_size)
         loader = ResumableDataLoader(self.train_dataset, batch_size=h.batch_size, sampler=sampler,
