@@ -12,7 +12,8 @@ semi-supervised protocol, ``WeakSegDataModule(labelled_share=...)``), with as ma
 
 * ``mask10`` / ``mask5`` — 10 % / 5 % of the patients with masks, CE; the unlabelled slices contribute nothing
   (the semi-supervised rows without their term);
-* ``mt_mask10`` / ``mt_mask5`` — the same + mean teacher (``configs/semi_mean_teacher.yaml``);
+* ``mt_mask10`` / ``mt_mask5`` — the same + mean teacher (``configs/semi_mean_teacher.yaml``, the consistency
+  weighted 1.0);
 * ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``) at the paper's
   λ = 1.5 (:data:`LAMBDA`, :func:`unlabelled_weight`);
 * ``<row>_ssl4mis`` for the four rows above — the same at SSL4MIS's weight, λ = 0.1;
@@ -47,12 +48,13 @@ def _fractions(label: str, share: float, **data) -> dict:
     return {"data": {**_BY_PATIENT, "label_fractions": {label: share, "none": round(1.0 - share, 6)}, **data}}
 
 
+_MT_WEIGHT = {"model": {"loss_weights": {"semi/consistency": 1.0}}}  # the mean-teacher rows without a λ
 _SCRIBBLE_TERMS = {"scribble_terms": ["pce", "tv"], "loss_weights": {"scribble/pce": 1.0, "scribble/tv": 0.1}}
 REGIMES: dict[str, tuple[str, dict]] = {
     "mask10": ("volumes_full", _fractions("mask", 0.1)),
     "mask5": ("volumes_full", _fractions("mask", 0.05)),
-    "mt_mask10": ("semi_mean_teacher", _fractions("mask", 0.1)),
-    "mt_mask5": ("semi_mean_teacher", _fractions("mask", 0.05)),
+    "mt_mask10": ("semi_mean_teacher", {**_fractions("mask", 0.1), **_MT_WEIGHT}),
+    "mt_mask5": ("semi_mean_teacher", {**_fractions("mask", 0.05), **_MT_WEIGHT}),
     "cps_mask10": ("semi_cps", _fractions("mask", 0.1)),
     "cps_mask5": ("semi_cps", _fractions("mask", 0.05)),
     "scribble10": ("volumes_scribbles", {**_fractions("scribble", 0.1), "model": dict(_SCRIBBLE_TERMS)}),
@@ -68,7 +70,8 @@ for _name in ("mt_mask10", "mt_mask5", "cps_mask10", "cps_mask5"):  # the same a
 
 # λ, the weight of the unlabelled term against the supervised one, each a mean over its own samples: CPS 1.5
 # (Chen et al., CVPR 2021, with ImageNet-initialised networks); SSL4MIS's ACDC runs (from random initialisation)
-# 0.1 for both the mean teacher and CPS. The mean-teacher rows without a λ keep their recipe's weight (1.0).
+# 0.1 for both the mean teacher and CPS (the recipes' weights). The mean-teacher rows without a λ weigh their
+# consistency 1.0.
 LAMBDA = {"cps_mask10": 1.5, "cps_mask5": 1.5, **{n: 0.1 for n in REGIMES if n.endswith("_ssl4mis")}}
 
 
