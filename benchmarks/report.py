@@ -717,7 +717,8 @@ def volumes_section() -> str:
         regimes = [r for r in VOLUME_ORDER if any(r in v for v in seeds.values())]
         regimes += sorted({r for v in seeds.values() for r in v} - set(regimes))
         out += [f"{arch}-{enc} from random initialisation, {size} px, {epochs} epochs, batch {bs}, lr {lr}, "
-                f"the same budget for every row; seeds {', '.join(map(str, sorted(seeds)))}.", "",
+                f"the same budget for every row; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}.",
+                "",
                 "| rows | seeds | volume Dice | Dice / full | RV | Myo | LV | HD95 (voxels) | WSL4MIS Dice / full |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for reg in regimes:
