@@ -290,3 +290,21 @@ def test_labelled_share_without_unlabelled_samples_names_the_option():
     dm.setup("fit")
     with pytest.raises(ValueError, match=r"labelled_share=0.5 with batch_size=4: .*0 unlabelled"):
         dm.train_dataloader()
+
+
+def test_labelled_samples_are_the_same_with_an_unlabelled_folder(tmp_path):
+    """Joining the unlabelled folder leaves the labelled samples as they were: weak labels derived with the data's
+    weakify options and seed (jittered boxes, clicked points) are identical with and without it."""
+    root, unl = write_labelled(tmp_path / "data"), write_unlabelled(tmp_path / "extra")
+    args = dict(train_labels=("boxes", "points"), seed=3,
+                weakify={"box_jitter": 0.3, "point_mode": "click", "point_fraction": 0.5})
+    plain = folder_dm(root, unl, **args, unlabelled_dir=None)
+    joined = folder_dm(root, unl, **args)
+    plain.setup("fit")
+    joined.setup("fit")
+    n = len(plain.train_dataset)
+    for i in range(n):
+        a, b = plain.train_dataset[i], joined.train_dataset[i]
+        assert a["id"] == b["id"]
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["points"], b["points"])
+        assert torch.equal(a["image"], b["image"])

@@ -316,7 +316,8 @@ class WeakSegDataModule(L.LightningDataModule):
 
     def _run_check(self, ds, report_name: str = "data_check") -> set[int]:
         """The check before training: raise on problems (``on_bad_data="raise"``) or return the raw indices of
-        ``ds`` to leave out (``"skip"``); the report is printed and, with a logger, written as ``<report_name>.json`` in the log dir."""
+        ``ds`` to leave out (``"skip"``); the report is printed and, with a logger, written as
+        ``<report_name>.json`` in the log dir."""
         h = self.hparams
         mode = h.get("on_bad_data", "raise")
         if mode not in ("raise", "skip"):

@@ -23,7 +23,7 @@ class JoinedDataset(WeakSegDataset):
         first, second: the two data sets (same base view, classes and channels).
         second_prefix: prepended to the ids of ``second``.
         Other arguments: see :class:`~lightning_weakseg.data.dataset.WeakSegDataset` (``num_classes``,
-            ``in_channels``, ``image_size``, ``resize`` default to ``first``'s).
+            ``in_channels``, ``image_size``, ``resize``, ``weakify`` and ``seed`` default to ``first``'s).
     """
 
     def __init__(self, first: WeakSegDataset, second: WeakSegDataset, second_prefix: str = "unlabelled/",
@@ -32,6 +32,8 @@ class JoinedDataset(WeakSegDataset):
         kwargs.setdefault("in_channels", first.in_channels)
         kwargs.setdefault("image_size", tuple(first.image_hw))
         kwargs.setdefault("resize", first.resize)
+        kwargs.setdefault("weakify", first.weakify_kwargs)  # weak labels derived as the data derives them
+        kwargs.setdefault("seed", first.seed)
         super().__init__(**kwargs)
         for name, a, b in (("num_classes", first.num_classes, second.num_classes),
                            ("in_channels", first.in_channels, second.in_channels),
