@@ -17,6 +17,9 @@ semi-supervised protocol, ``WeakSegDataModule(labelled_share=...)``), with as ma
 * ``cps_mask10`` / ``cps_mask5`` — the same + cross pseudo supervision (``configs/semi_cps.yaml``) at the paper's
   λ = 1.5 (:data:`LAMBDA`, :func:`unlabelled_weight`);
 * ``<row>_ssl4mis`` for the four rows above — the same at SSL4MIS's weight, λ = 0.1;
+* ``oracle_mask10`` / ``oracle_mask5`` — a bound, not a method: the ``_ssl4mis`` mean-teacher row with the true
+  mask of every slice as the consistency target (a perfect teacher; ``oracle.OracleTeacherSegModule``, the same
+  batches, weight and ramp-up);
 * ``scribble10`` — 10 % of the patients with their real scribbles (partial CE + TV), the rest unlabelled;
   ``mt_scribble10`` — the same + mean teacher (a module of ScribbleMixin and MeanTeacherMixin).
 
@@ -67,12 +70,20 @@ REGIMES: dict[str, tuple[str, dict]] = {
 
 for _name in ("mt_mask10", "mt_mask5", "cps_mask10", "cps_mask5"):  # the same at SSL4MIS's weight (LAMBDA)
     REGIMES[f"{_name}_ssl4mis"] = REGIMES[_name]
+for _share in (0.1, 0.05):  # the perfect teacher: the true masks of the unlabelled slices ride under noisy_mask
+    _oracle = _fractions("mask", _share)
+    _oracle["data"]["label_fractions"] = {"mask": _share, "noisy_mask": round(1.0 - _share, 6)}
+    _oracle["data"]["weakify"] = {"noise_rate": 0.0}
+    REGIMES[f"oracle_mask{round(_share * 100)}"] = ("semi_mean_teacher", {
+        **_oracle, "class_path": "oracle:OracleTeacherSegModule"})
+ORACLE_DATA = {n: "oracle:OracleTeacherDataModule" for n in REGIMES if n.startswith("oracle_")}
 
 # λ, the weight of the unlabelled term against the supervised one, each a mean over its own samples: CPS 1.5
 # (Chen et al., CVPR 2021, with ImageNet-initialised networks); SSL4MIS's ACDC runs (from random initialisation)
 # 0.1 for both the mean teacher and CPS (the recipes' weights). The mean-teacher rows without a λ weigh their
 # consistency 1.0.
-LAMBDA = {"cps_mask10": 1.5, "cps_mask5": 1.5, **{n: 0.1 for n in REGIMES if n.endswith("_ssl4mis")}}
+LAMBDA = {"cps_mask10": 1.5, "cps_mask5": 1.5,
+          **{n: 0.1 for n in REGIMES if n.endswith("_ssl4mis") or n.startswith("oracle_")}}
 
 
 def unlabelled_weight(config: str, lam: float, share: float) -> dict:
@@ -106,6 +117,7 @@ def main(argv=None):
                    "'full' row is shown as the reference")
     a = p.parse_args(argv)
     _register(a.labelled_share)
+    from lightning_weakseg.recipes import import_object
     root = Path(a.data) / "acdc_volumes"
     if not root.is_dir():
         p.error(f"{root} does not exist (see ../shared/data/README.md)")
@@ -131,10 +143,11 @@ def main(argv=None):
         payload["reference_full"] = {"from": a.full_from, **next(r for r in ref["rows"] if r["regime"] == "full")}
     path = Path(a.out) / f"{a.tag}.json"
     for name in names:
+        data_class = import_object(ORACLE_DATA[name]) if name in ORACLE_DATA else None
         row = volumes.run_regime(str(root), name, epochs=a.epochs, image_size=a.image_size, batch_size=a.batch_size,
                                  seed=a.seed, arch=a.arch, encoder=a.encoder, lr=a.lr, val_fraction=a.val_fraction,
                                  empty_slice_rate=1.0, val_every=a.val_every,
-                                 data={"labelled_share": a.labelled_share})
+                                 data={"labelled_share": a.labelled_share}, data_class=data_class)
         row["command"] = payload["command"]
         payload["rows"].append(row)
         volumes.write_json(path, payload)  # after every regime: a killed run keeps what it did

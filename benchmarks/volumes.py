@@ -71,9 +71,9 @@ def _epoch_printer(name: str):
 
 def run_regime(root: str, name: str, *, epochs: int, image_size: int, batch_size: int, seed: int, arch: str,
                encoder: str, lr: float, val_fraction: float, empty_slice_rate: float, val_every: int,
-               data: dict | None = None) -> dict:
+               data: dict | None = None, data_class=None) -> dict:
     """Train regime ``name`` on the volumes of ``root`` and return its result row; ``data``: more data-module
-    options (over the recipe's)."""
+    options (over the recipe's); ``data_class``: the data module's class (default ``WeakSegDataModule``)."""
     import lightning as L
     from lightning_weakseg.data import WeakSegDataModule
     from lightning_weakseg.recipes import load_recipe
@@ -84,7 +84,7 @@ def run_regime(root: str, name: str, *, epochs: int, image_size: int, batch_size
     data = {**recipe.data, "root": root, "image_size": image_size, "batch_size": batch_size,
             "eval_batch_size": 2 * batch_size, "seed": seed, "val_fraction": val_fraction, "test_fraction": 0.0,
             "empty_slice_rate": empty_slice_rate, **(data or {})}
-    dm = WeakSegDataModule(**data)
+    dm = (data_class or WeakSegDataModule)(**data)
     dm.setup("fit")
     model = recipe.build_model(arch=arch, encoder=encoder, in_channels=dm.in_channels, num_classes=dm.num_classes,
                                lr=lr)

@@ -313,3 +313,45 @@ def test_one_and_two_ddp_processes_give_the_same_teacher(tmp_path):
                 assert sorted(a["index"].tolist()) == sorted(b["index"].tolist() + c["index"].tolist())
         if case.startswith("mean_teacher"):  # the teacher moved away from its initial copy and differs from the student
             assert any(not torch.equal(one[k], one["model." + k[len(prefix):]]) for k in one if k.startswith(prefix))
+
+
+# ----------------------------------------------------------------------------- the perfect-teacher bound (benchmark)
+def test_oracle_teacher_targets_the_true_masks():
+    """benchmarks/oracle.py's OracleTeacherSegModule: semi/consistency is the mean over samples of the mean squared
+    difference between the student's softmax and the one-hot true mask (``mask`` where labelled, else
+    ``noisy_mask``), computed here pixel by pixel; ignored pixels keep the EMA teacher's softmax."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "oracle.py"
+    spec = importlib.util.spec_from_file_location("bench_oracle_teacher", path)
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    torch.manual_seed(0)
+    b, k, h, w = 3, 3, 4, 5
+    module = oracle.OracleTeacherSegModule(in_channels=1, num_classes=k, strong_brightness=0, strong_contrast=0,
+                                           strong_noise=0, consistency_rampup_steps=0,
+                                           model_kwargs={"encoder_depth": 3, "decoder_channels": (16, 8, 4)})
+    module.train()
+    truth = torch.randint(0, k, (b, h, w))
+    mask = torch.full((b, h, w), 255)
+    mask[0] = truth[0]
+    noisy = truth.clone()
+    noisy[0] = 0                                   # a labelled sample: its noisy_mask is not read
+    noisy[2, 1, :] = 255                           # unknown pixels of an unlabelled sample
+    batch = {"image": torch.rand(b, 1, 32, 32)[:, :, :h, :w].contiguous(), "mask": mask, "noisy_mask": noisy,
+             "has_mask": torch.tensor([True, False, False]), "has_noisy_mask": torch.tensor([False, True, True])}
+    logits = torch.randn(b, k, h, w)
+    with torch.no_grad():
+        teacher = module.teacher_model(batch["image"]).softmax(1)
+    terms = module.loss_terms(batch, {"logits": logits, "probs": logits.softmax(1)})
+    student = logits.softmax(1)
+    ref = []
+    for i in range(b):
+        total = 0.0
+        for y in range(h):
+            for x in range(w):
+                label = int(mask[i, y, x]) if i == 0 else int(noisy[i, y, x])
+                for c in range(k):
+                    t = teacher[i, c, y, x] if label == 255 else float(label == c)
+                    total += float((student[i, c, y, x] - t) ** 2)
+        ref.append(total / (k * h * w))
+    assert math.isclose(float(terms["semi/consistency"]), sum(ref) / b, rel_tol=1e-5)
