@@ -242,15 +242,10 @@ def test_mixin_relabels_the_images_a_sample_selection_rejected(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the clean-subset oracle (benchmark)
-def test_clean_subset_oracle_trains_on_the_uncorrupted_images_only():
+def test_clean_subset_oracle_trains_on_the_uncorrupted_images_only(bench_oracle):
     """benchmarks/oracle.py's OracleCleanSubsetSegModule: its loss is the mean, over the images whose noisy mask equals
     the clean one, of each image's mean CE over its labelled pixels (a loop here); a corrupted image has no gradient."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "oracle.py"
-    spec = importlib.util.spec_from_file_location("bench_oracle", path)
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
+    oracle = bench_oracle
     torch.manual_seed(0)
     b, k, h, w = 4, 3, 6, 5
     mask = torch.randint(0, k, (b, h, w))

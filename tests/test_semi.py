@@ -316,15 +316,11 @@ def test_one_and_two_ddp_processes_give_the_same_teacher(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the perfect-teacher bound (benchmark)
-def test_oracle_teacher_targets_the_true_masks():
+def test_oracle_teacher_targets_the_true_masks(bench_oracle):
     """benchmarks/oracle.py's OracleTeacherSegModule: semi/consistency is the mean over samples of the mean squared
     difference between the student's softmax and the one-hot true mask (``mask`` where labelled, else
     ``noisy_mask``), computed here pixel by pixel; ignored pixels keep the EMA teacher's softmax."""
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "oracle.py"
-    spec = importlib.util.spec_from_file_location("bench_oracle_teacher", path)
-    oracle = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oracle)
+    oracle = bench_oracle
     torch.manual_seed(0)
     b, k, h, w = 3, 3, 4, 5
     module = oracle.OracleTeacherSegModule(in_channels=1, num_classes=k, strong_brightness=0, strong_contrast=0,
