@@ -809,15 +809,15 @@ def semi_section() -> str:
             "Drawn from all slices alike, the labelled slices are seen once an epoch and every row stays far below "
             "full masks; two-stream batches bring masks alone much closer. At this budget (from random "
             "initialisation, a few hundred optimizer steps) the mean teacher at SSL4MIS's weight adds points at "
-            "10 % on both seeds (far more on one draw of the labelled patients than on the other; at 20 epochs as "
-            "at 10), yet stays below 0.9 of full, and the mean teacher at weight 1.0 adds points to scribbles; "
+            "10 % on some draws of the labelled patients and loses a few on others (at 20 epochs as at 10), stays "
+            "below 0.9 of full on every seed, and the mean teacher at weight 1.0 adds points to scribbles; "
             "CPS at the CVPR paper's λ = 1.5 collapses and "
             "at SSL4MIS's λ = 0.1 stays at or below masks alone; at 5 % every unlabelled term costs points. The "
             "perfect-teacher rows (`oracle_mask10`, the true mask of every slice as the consistency target at the "
             "same weight, ramp-up, views and batches) bound what a better teacher could bring: on no seed do they "
-            "reach 0.9 of full, and they land within the spread between seeds of masks alone and of the real mean "
-            "teacher — at this budget the consistency term at the published weight carries too little of the loss "
-            "for the target to be reached, whatever the teacher predicts. The published gains come after 30,000 "
+            "reach 0.9 of full, and they do not lift masks alone beyond the spread between seeds — at this budget "
+            "the target is out of reach for the consistency term at the published weight, and a better teacher "
+            "would not change that. The published gains come after 30,000 "
             "iterations of batch 24 with the unlabelled term ramped up over the whole run.", ""]
     out += [sources(stems, full_tables=False), ""]
     return "\n".join(out)
