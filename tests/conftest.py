@@ -22,11 +22,23 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def bench_oracle():
-    """``benchmarks/oracle.py`` (the bound modules the benchmarks run; not part of the package), loaded by path."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "oracle.py"
-    spec = importlib.util.spec_from_file_location("bench_oracle", path)
+def _load_benchmark(name: str):
+    """``benchmarks/<name>.py`` (benchmark scripts and the bound modules they run; not part of the package), loaded
+    by path."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """The loader of ``benchmarks/<name>.py`` by name."""
+    return _load_benchmark
+
+
+@pytest.fixture(scope="session")
+def bench_oracle():
+    """``benchmarks/oracle.py``: the bound modules the benchmarks run."""
+    return _load_benchmark("oracle")

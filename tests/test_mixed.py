@@ -1,8 +1,6 @@
 """Mixed supervision: per-sample composition of terms, exact zero gradients across label types, a short fit, and
 the annotation-cost benchmark on fake result files."""
-import importlib.util
 import json
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -113,16 +111,8 @@ def test_short_fit_on_a_label_mix(tmp_path):
 
 
 # ---------------------------------------------------------------- annotation cost benchmark
-def load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "annotation_cost.py"
-    spec = importlib.util.spec_from_file_location("annotation_cost", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_annotation_cost_on_fake_results(tmp_path, capsys):
-    ac = load_script()
+def test_annotation_cost_on_fake_results(tmp_path, capsys, load_benchmark):
+    ac = load_benchmark("annotation_cost")
     rows = [{"dataset": "acdc", "regime": "full", "labels": "mask", "dice": 0.80},
             {"dataset": "acdc", "regime": "pce_crf", "labels": "scribble", "dice": 0.72},
             {"dataset": "acdc", "regime": "mask10_boxes90", "labels": "mask+boxes", "dice": 0.76},
